@@ -1,0 +1,110 @@
+"""Runtime settings, read from ``SGLANG_*`` environment variables (sglang's convention).
+
+=================================  ==========  ==============================================
+variable                           default     meaning
+=================================  ==========  ==============================================
+``SGLANG_MM_PREMATERIALIZE``       ``1``       ``0`` turns the tokenizer-stage path off: requests
+                                               carry the raw dict again and every scheduler rank
+                                               runs ``from_dict`` locally (sglang 0.5.4 behaviour).
+``SGLANG_MM_SHM_CAP_BYTES``        half of     bytes of segments one TokenizerManager process may
+                                   the shm dir hold at once; past it requests travel inline.
+``SGLANG_MM_SHM_DIR``              /dev/shm    where segments live (a tmpfs).
+``SGLANG_MM_MATERIALIZE_THREADS``  2           worker threads that hash and copy off the loop.
+=================================  ==========  ==============================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = [
+    "Settings",
+    "load_settings",
+    "consumers_per_send",
+    "scheduler_consumers_per_send",
+    "shm_unusable_reason",
+    "shm_dir",
+]
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one process; see the module docstring for the variables."""
+
+    enabled: bool
+    shm_dir: str
+    shm_cap_bytes: int
+    threads: int
+
+
+def _default_cap(shm_dir: str) -> int:
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return 0
+    return (st.f_blocks * st.f_frsize) // 2
+
+
+def shm_dir(environ: Optional[dict[str, str]] = None) -> str:
+    """The directory segments live in (``SGLANG_MM_SHM_DIR``, default ``/dev/shm``)."""
+    env = os.environ if environ is None else environ
+    return env.get("SGLANG_MM_SHM_DIR", "/dev/shm")
+
+
+def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
+    """Read the settings from ``environ`` (default: ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    directory = shm_dir(env)
+    cap = env.get("SGLANG_MM_SHM_CAP_BYTES")
+    return Settings(
+        enabled=env.get("SGLANG_MM_PREMATERIALIZE", "1").strip().lower() in _TRUE,
+        shm_dir=directory,
+        shm_cap_bytes=int(cap) if cap is not None else _default_cap(directory),
+        threads=max(1, int(env.get("SGLANG_MM_MATERIALIZE_THREADS", "2"))),
+    )
+
+
+def consumers_per_send(server_args: Any) -> int:
+    """How many scheduler ranks map a segment each time its request is sent.
+
+    A request reaches the first pipeline stage's entry rank, which ``broadcast_pyobj``s it
+    to its group; every later pipeline stage receives it too (``point_to_point_pyobj``) and
+    broadcasts it to its own group. Every rank of the group calls ``handle_generate_request``.
+
+    - TP (and DP without DP-attention: the controller picks one replica of ``tp_size``
+      ranks): ``tp_size`` ranks per stage.
+    - DP-attention: requests are broadcast in the attention-TP group of one DP rank only,
+      of ``tp_size // dp_size`` ranks.
+    - PP: times ``pp_size`` stages.
+    """
+    tp = int(server_args.tp_size)
+    if getattr(server_args, "enable_dp_attention", False):
+        tp = tp // max(1, int(server_args.dp_size))
+    return max(1, tp) * max(1, int(getattr(server_args, "pp_size", 1) or 1))
+
+
+def scheduler_consumers_per_send(scheduler: Any) -> int:
+    """The same count as seen by a running ``Scheduler`` from its own group sizes."""
+    if scheduler.server_args.enable_dp_attention:
+        group = scheduler.attn_tp_size
+    else:
+        group = scheduler.tp_size
+    return max(1, int(group)) * max(1, int(scheduler.pp_size))
+
+
+def shm_unusable_reason(server_args: Any) -> Optional[str]:
+    """Why shared memory can't reach every rank, judged as sglang 0.5.5's
+    ``_determine_tensor_transport_mode`` judges it (a ``dist_init_addr`` means ranks may
+    be on other nodes), or ``None`` when it can."""
+    if getattr(server_args, "dist_init_addr", None) or int(
+        getattr(server_args, "nnodes", 1) or 1
+    ) > 1:
+        return (
+            "scheduler ranks may run on other nodes (--dist-init-addr / --nnodes > 1), "
+            "where this node's shared memory is not visible"
+        )
+    return None

@@ -1,0 +1,134 @@
+"""Rebuild a request's ``MultimodalInputs`` on a scheduler rank from its descriptors.
+
+Cost per request: one ``open``/``flock``/``mmap``/``close`` of the segment and a table of
+zero-copy views into a private copy-on-write mapping, whatever the feature size. No hash,
+no copy, no ``from_dict``, no collective.
+
+Every refusal depends only on the descriptors and the segment's bytes, so all ranks that
+receive the same request refuse it the same way (see ``MultimodalTransportError``).
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+import numpy as np
+import torch
+
+from sglang_mmpre.errors import MultimodalTransportError
+from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
+from sglang_mmpre.transport.descriptors import (
+    SEGMENT_NAME_RE,
+    SegmentDescriptor,
+    TensorDescriptor,
+    numpy_dtype,
+    table_digest,
+    torch_dtype,
+)
+from sglang_mmpre.transport.segment import HEADER_SIZE, map_segment
+
+__all__ = ["resolve"]
+
+
+def _check_segment(seg: Any) -> None:
+    if not isinstance(seg, SegmentDescriptor):
+        raise MultimodalTransportError(f"malformed segment descriptor {type(seg).__name__}")
+    if not isinstance(seg.name, str) or not SEGMENT_NAME_RE.match(seg.name):
+        raise MultimodalTransportError(f"refused segment name {seg.name!r}: not ours")
+    if not isinstance(seg.nonce, bytes) or len(seg.nonce) != 16:
+        raise MultimodalTransportError("malformed segment nonce")
+    if not isinstance(seg.payload_nbytes, int) or seg.payload_nbytes < 0:
+        raise MultimodalTransportError("malformed segment size")
+
+
+def _check_tensor(desc: TensorDescriptor, payload_nbytes: int) -> None:
+    try:
+        expected = desc.expected_nbytes()
+    except (KeyError, ValueError, TypeError) as e:
+        raise MultimodalTransportError(f"malformed tensor descriptor {desc!r}: {e}") from None
+    if desc.nbytes != expected:
+        raise MultimodalTransportError(
+            f"tensor descriptor nbytes {desc.nbytes} does not match dtype {desc.dtype} and "
+            f"shape {desc.shape} ({expected} bytes)"
+        )
+    if not isinstance(desc.offset, int) or desc.offset < 0 or desc.offset + desc.nbytes > payload_nbytes:
+        raise MultimodalTransportError(
+            f"tensor descriptor [{desc.offset}, +{desc.nbytes}) lies outside the segment payload "
+            f"of {payload_nbytes} bytes"
+        )
+
+
+def _view(mapping: mmap.mmap, desc: TensorDescriptor) -> Any:
+    offset = HEADER_SIZE + desc.offset
+    if desc.kind == "numpy":
+        dtype = numpy_dtype(desc.dtype)
+        count = desc.nbytes // dtype.itemsize
+        return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(desc.shape)
+    dtype = torch_dtype(desc.dtype)
+    if desc.nbytes == 0:
+        return torch.empty(desc.shape, dtype=dtype)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8, count=desc.nbytes, offset=offset)
+    return raw.view(dtype).view(desc.shape)
+
+
+def _check_item_hashes(inputs: Any) -> None:
+    """The item's ``hash``/``pad_value`` must be the ones its descriptor was written with."""
+    for item in inputs.mm_items:
+        if item.hash is None or item.pad_value != item.hash % (1 << 30):
+            raise MultimodalTransportError("item hash and pad_value are inconsistent")
+        for name in HASHED_FIELDS:
+            value = item.__dict__.get(name)
+            leaves = value if isinstance(value, list) else [value]
+            for leaf in leaves:
+                if isinstance(leaf, TensorDescriptor) and leaf.hash != item.hash:
+                    raise MultimodalTransportError(
+                        "item hash does not match the hash its feature was written with"
+                    )
+
+
+def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
+    """Return the ``MultimodalInputs`` carried by ``m``, dropping this rank's reference.
+
+    Raises :class:`MultimodalTransportError` for anything forged, stale or inconsistent.
+    Call it once per rank and request; a second call is refused.
+    """
+    if not isinstance(m, MaterializedMultimodalInputs):
+        raise MultimodalTransportError(
+            f"materialized_mm_inputs has type {type(m).__name__}, not MaterializedMultimodalInputs"
+        )
+    if m.resolved:
+        raise MultimodalTransportError("multimodal inputs of this request were already resolved")
+    m.resolved = True
+    inputs = m.inputs
+    table: list[TensorDescriptor] = []
+
+    def collect(leaf, _hash):
+        if isinstance(leaf, TensorDescriptor):
+            table.append(leaf)
+        return leaf
+
+    try:
+        walk_tensors(inputs, collect)
+    except (AttributeError, TypeError) as e:
+        raise MultimodalTransportError(f"malformed multimodal inputs: {e}") from None
+    seg = m.segment
+    if seg is None:
+        if table:
+            raise MultimodalTransportError("tensor descriptors without a segment")
+        return inputs
+    _check_segment(seg)
+    # The digest covers every descriptor; checks that would refuse the request are made
+    # after map_segment has dropped our reference, so a refusal leaks nothing.
+    digest = table_digest(seg, table)
+    mapping = map_segment(shm_dir, seg, digest)
+    if seg.consumers != expected_consumers:
+        raise MultimodalTransportError(
+            f"request was counted for {seg.consumers} consuming ranks but this server has "
+            f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
+        )
+    for desc in table:
+        _check_tensor(desc, seg.payload_nbytes)
+    _check_item_hashes(inputs)
+    walk_tensors(inputs, lambda leaf, _h: _view(mapping, leaf) if isinstance(leaf, TensorDescriptor) else leaf)
+    return inputs

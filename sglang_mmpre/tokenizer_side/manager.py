@@ -1,0 +1,241 @@
+"""What the patched TokenizerManager calls: :class:`TokenizerSide`.
+
+Three call sites in ``tokenizer_manager.py``:
+
+1. ``__init__``: ``self.mmpre = TokenizerSide(server_args)`` (also sweeps dead segments);
+2. ``_tokenize_one_request``: ``return await self.mmpre.materialize_request(obj)`` on the
+   tokenized object, after sglang's processor and validation have run;
+3. every ``send_to_scheduler.send_pyobj`` of a tokenized request goes through
+   ``self.mmpre.send(socket, obj)``, and ``generate_request`` runs inside
+   ``with self.mmpre.request_scope():``.
+
+Note [creator reference]: a segment's creator holds one reference from creation until the
+request can't be sent again. Parallel sampling sends one tokenized object 1 + n times, so
+that is not "after the first send": it is when ``generate_request`` leaves its scope
+(finished, aborted, failed or disconnected). Without a scope, a segment is released right
+after its single send. A materialization still running when its scope closes (the task
+was cancelled) releases its segment itself, so no path leaves one behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional
+
+from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm_unusable_reason
+from sglang_mmpre.errors import SegmentAllocationError
+from sglang_mmpre.tokenizer_side.materialize import materialize, pack, pack_size
+from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
+from sglang_mmpre.transport.segment import SegmentWriter, sweep
+
+__all__ = ["TokenizerSide", "RequestScope", "raw_mm_field"]
+
+logger = logging.getLogger(__name__)
+
+_current_scope: contextvars.ContextVar[Optional["RequestScope"]] = contextvars.ContextVar(
+    "sglang_mmpre_request_scope", default=None
+)
+
+
+def raw_mm_field(tokenized_obj: Any) -> Optional[str]:
+    """The attribute that holds the raw multimodal dict on a tokenized request."""
+    if hasattr(tokenized_obj, "mm_inputs"):
+        return "mm_inputs"
+    if hasattr(tokenized_obj, "image_inputs"):
+        return "image_inputs"
+    return None
+
+
+class RequestScope:
+    """The segments created for one ``generate_request`` call; see Note [creator reference]."""
+
+    def __init__(self, side: "TokenizerSide") -> None:
+        self._side = side
+        self._lock = threading.Lock()
+        self._writers: list[SegmentWriter] = []
+        self.closed = False
+
+    def adopt(self, writer: SegmentWriter) -> None:
+        """Hold ``writer``'s creator reference until :meth:`close` (or drop it now if closed)."""
+        with self._lock:
+            if not self.closed:
+                self._writers.append(writer)
+                return
+        self._side.release(writer)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            writers, self._writers = self._writers, []
+        for writer in writers:
+            self._side.release(writer)
+
+
+class TokenizerSide:
+    """Per-TokenizerManager-process state: settings, worker threads, held bytes.
+
+    One exists in every TokenizerManager process (each ``--tokenizer-worker-num`` worker
+    builds its own), so segments are always written by the process that sends them.
+    """
+
+    def __init__(self, server_args: Any, settings: Optional[Settings] = None) -> None:
+        self.settings = settings or load_settings()
+        self.consumers = consumers_per_send(server_args)
+        self._no_shm_reason = shm_unusable_reason(server_args)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
+        self._held_bytes = 0
+        self._warned: set[str] = set()
+        if self.settings.enabled:
+            sweep(self.settings.shm_dir)
+
+    # -- materialization -------------------------------------------------------------
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of segments whose creator reference this process still holds."""
+        return self._held_bytes
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.settings.threads, thread_name_prefix="sglang_mmpre"
+            )
+        return self._pool
+
+    def warn_once(self, cause: str, message: str) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            logger.warning("sglang_mmpre: %s", message)
+
+    def build(self, mm_dict: dict) -> MaterializedMultimodalInputs:
+        """Materialize ``mm_dict`` and pack it (shared memory, else inline). Thread-safe."""
+        inputs = materialize(mm_dict)
+        if self._no_shm_reason is not None:
+            self.warn_once("remote", f"multimodal tensors travel inline: {self._no_shm_reason}.")
+            return MaterializedMultimodalInputs(inputs)
+        need = pack_size(inputs)
+        with self._lock:
+            over_cap = self._held_bytes + need > self.settings.shm_cap_bytes
+            if not over_cap:
+                self._held_bytes += need
+        if over_cap:
+            self.warn_once(
+                "cap",
+                f"shared-memory cap of {self.settings.shm_cap_bytes} bytes reached; requests "
+                "past it travel inline (pickled) until segments are released. Raise "
+                "SGLANG_MM_SHM_CAP_BYTES (and /dev/shm, docker --shm-size) if this persists.",
+            )
+            return MaterializedMultimodalInputs(inputs)
+        try:
+            packed = pack(inputs, self.settings.shm_dir, self.consumers)
+        except SegmentAllocationError as e:
+            self._uncount(need)
+            self.warn_once("alloc", f"{e} Falling back to inline transport.")
+            return MaterializedMultimodalInputs(inputs)
+        except BaseException:
+            self._uncount(need)
+            raise
+        if packed is None:
+            self._uncount(need)
+            return MaterializedMultimodalInputs(inputs)
+        return packed
+
+    def _uncount(self, nbytes: int) -> None:
+        with self._lock:
+            self._held_bytes -= nbytes
+
+    def release(self, writer: SegmentWriter) -> None:
+        """Drop a segment's creator reference (idempotent)."""
+        if writer._released:
+            return
+        writer.release()
+        self._uncount(writer.payload_nbytes)
+
+    async def materialize_request(self, tokenized_obj: Any) -> Any:
+        """Replace the raw multimodal dict of ``tokenized_obj`` by materialized inputs.
+
+        Runs in a worker thread; the event loop only awaits. Returns ``tokenized_obj``.
+        """
+        field = raw_mm_field(tokenized_obj)
+        raw = getattr(tokenized_obj, field) if field else None
+        if not self.settings.enabled or not isinstance(raw, dict):
+            return tokenized_obj
+        scope = _current_scope.get()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor(), self.build, raw)
+
+        def _adopt_or_release(fut) -> None:
+            # Runs on the loop once the worker is done, whether or not we were cancelled.
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            writer = fut.result().writer
+            if writer is None:
+                return
+            if scope is not None:
+                scope.adopt(writer)
+            elif awaiting_cancelled:
+                self.release(writer)
+
+        awaiting_cancelled = False
+        future.add_done_callback(_adopt_or_release)
+        try:
+            materialized = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            awaiting_cancelled = True
+            raise
+        setattr(tokenized_obj, field, None)
+        tokenized_obj.materialized_mm_inputs = materialized
+        return tokenized_obj
+
+    # -- sending ---------------------------------------------------------------------
+    @staticmethod
+    def _writers_of(obj: Any) -> Iterator[SegmentWriter]:
+        reqs = getattr(obj, "batch", None)
+        for req in reqs if isinstance(reqs, list) else [obj]:
+            m = getattr(req, "materialized_mm_inputs", None)
+            if m is not None and m.writer is not None:
+                yield m.writer
+
+    def send(self, socket: Any, obj: Any) -> None:
+        """``socket.send_pyobj(obj)``, counting each segment's consumers first."""
+        writers = list(self._writers_of(obj))
+        counted: list[SegmentWriter] = []
+        try:
+            for writer in writers:
+                writer.add_consumers(self.consumers)
+                counted.append(writer)
+            socket.send_pyobj(obj)
+        except BaseException:
+            for writer in counted:
+                writer.add_consumers(-self.consumers)
+            raise
+        if _current_scope.get() is None:
+            for writer in writers:
+                self.release(writer)
+
+    def release_unsent(self, tokenized_obj: Any) -> None:
+        """Drop the creator reference of a request that will not be sent (no scope)."""
+        for writer in self._writers_of(tokenized_obj):
+            self.release(writer)
+
+    @contextlib.contextmanager
+    def request_scope(self) -> Iterator[RequestScope]:
+        """Hold the creator references of segments made inside; see Note [creator reference]."""
+        scope = RequestScope(self)
+        previous = _current_scope.get()
+        _current_scope.set(scope)
+        try:
+            yield scope
+        finally:
+            # set(), not reset(): an async generator may be closed from another context.
+            _current_scope.set(previous)
+            scope.close()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,309 @@
+"""The shared-memory segment that carries one request's tensors to every scheduler rank.
+
+Owner / writer / readers / who unlinks
+--------------------------------------
+- **Owner and writer**: the TokenizerManager process that materialized the request
+  (:class:`SegmentWriter`). It creates the file ``O_EXCL``, mode 0600, reserves every page
+  with ``posix_fallocate`` (a full tmpfs raises ``ENOSPC`` here instead of a SIGBUS later),
+  writes header and payload, and holds one *creator reference* while it may still send the
+  request.
+- **Readers**: the scheduler ranks (:func:`map_segment`). Each maps the whole file with a
+  private copy-on-write mapping, so one rank's writes never reach another rank, and drops
+  one *consumer reference*.
+- **Who unlinks**: whoever drops the last reference, under the segment's ``flock``. That
+  is exactly once, and only after every consumer has mapped it. No collective is involved.
+
+Lifetime protocol (``refcount`` in the header, changed only under ``flock(LOCK_EX)``)::
+
+    create                      refcount = 1                 (creator reference)
+    before each send            refcount += consumers_per_send
+    a rank maps it              refcount -= 1                (0: that rank unlinks)
+    creator done sending        refcount -= 1                (0: the creator unlinks)
+
+The creator's reference keeps the count above zero between sends (parallel sampling sends
+the same request several times), so no rank can unlink a segment that will still be sent.
+A mapping outlives the unlink, as the pages stay until the last mapping goes.
+
+Byte layout (little endian; the payload starts at byte 64, each tensor 64-byte aligned)::
+
+    0        8        12       16               24               32               48        64
+    +--------+--------+--------+----------------+----------------+----------------+---------+
+    | magic  | version| hdr len| payload nbytes | refcount (i64) | nonce (16 B)   | digest  |
+    |SGLMMPR1|  u32=1 | u32=64 |      u64       | under flock    | random         | 16 B    |
+    +--------+--------+--------+----------------+----------------+----------------+---------+
+    | payload: tensor bytes at the offsets named by the TensorDescriptors ...              |
+
+``digest`` is :func:`descriptors.table_digest` of the descriptor table; a rank compares it
+with the one it computes from the descriptors it received.
+
+Names are ``sglmmpre_<creator pid>_<96 random bits in hex>``. :func:`sweep` unlinks the
+segments whose creator process is dead, and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hmac
+import logging
+import mmap
+import os
+import secrets
+import stat
+import struct
+from typing import Optional
+
+from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
+from sglang_mmpre.transport.descriptors import SEGMENT_NAME_RE, SEGMENT_PREFIX, SegmentDescriptor
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "SegmentWriter",
+    "map_segment",
+    "sweep",
+    "segment_names",
+]
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"SGLMMPR1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQq16s16s")
+HEADER_SIZE = 64
+_REFCOUNT_OFFSET = 24
+_REFCOUNT = struct.Struct("<q")
+ALIGN = 64
+
+if HEADER.size != HEADER_SIZE:  # pragma: no cover - layout guard
+    raise ImportError("segment header layout changed size")
+
+_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _path(shm_dir: str, name: str) -> str:
+    if not SEGMENT_NAME_RE.match(name):
+        raise MultimodalTransportError(
+            f"refused segment name {name!r}: not a sglang_mmpre segment name"
+        )
+    return os.path.join(shm_dir, name)
+
+
+def _adjust_refcount(fd: int, path: str, delta: int) -> int:
+    """Add ``delta`` to the header refcount under ``flock``; unlink at zero. Returns it."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        (count,) = _REFCOUNT.unpack(os.pread(fd, 8, _REFCOUNT_OFFSET))
+        if count <= 0:
+            raise MultimodalTransportError(
+                f"segment {os.path.basename(path)} was already consumed (refcount {count})"
+            )
+        count += delta
+        os.pwrite(fd, _REFCOUNT.pack(count), _REFCOUNT_OFFSET)
+        if count == 0:
+            os.unlink(path)
+        return count
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class SegmentWriter:
+    """A segment being written and sent by its creator (the tokenizer side).
+
+    Call :meth:`seal` once the payload is written, :meth:`add_consumers` before each send,
+    and :meth:`release` exactly once when the request will not be sent again (the
+    creator's reference; it unlinks if every consumer has already mapped). Never rely on
+    garbage collection to release.
+    """
+
+    # Class-level defaults let a half-built object still clean up.
+    _fd: int = -1
+    _mmap: Optional[mmap.mmap] = None
+    _released: bool = False
+
+    def __init__(self, shm_dir: str, payload_nbytes: int) -> None:
+        self.name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
+        self.path = os.path.join(shm_dir, self.name)
+        self.payload_nbytes = int(payload_nbytes)
+        self.nonce = secrets.token_bytes(16)
+        total = HEADER_SIZE + self.payload_nbytes
+        try:
+            self._fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise SegmentAllocationError(
+                f"cannot create {self.path}: {e.strerror}. Check that {shm_dir} exists and "
+                "is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
+            ) from e
+        try:
+            try:
+                os.posix_fallocate(self._fd, 0, total)
+            except OSError as e:
+                raise SegmentAllocationError(
+                    f"cannot reserve {total} bytes in {shm_dir}: {e.strerror}. Enlarge it "
+                    "(docker run --shm-size, or mount -o remount,size=... /dev/shm) or lower "
+                    "SGLANG_MM_SHM_CAP_BYTES; meanwhile requests travel inline."
+                ) from e
+            self._mmap = mmap.mmap(self._fd, total, flags=mmap.MAP_SHARED)
+            self._mmap[:HEADER_SIZE] = HEADER.pack(
+                MAGIC, VERSION, HEADER_SIZE, self.payload_nbytes, 1, self.nonce, b"\0" * 16
+            )
+        except BaseException:
+            self._destroy()
+            raise
+
+    @property
+    def payload(self) -> memoryview:
+        """Writable view of the payload (valid until :meth:`seal`)."""
+        if self._mmap is None:
+            raise MultimodalTransportError(f"segment {self.name} is sealed")
+        return memoryview(self._mmap)[HEADER_SIZE:]
+
+    def seal(self, digest: bytes, consumers: int) -> SegmentDescriptor:
+        """Write the descriptor-table digest, unmap, and return the segment descriptor."""
+        if self._mmap is None:
+            raise MultimodalTransportError(f"segment {self.name} is already sealed")
+        self._mmap[48:64] = digest
+        self._mmap.close()
+        self._mmap = None
+        return self.descriptor(consumers)
+
+    def descriptor(self, consumers: int) -> SegmentDescriptor:
+        return SegmentDescriptor(self.name, self.payload_nbytes, self.nonce, consumers)
+
+    def add_consumers(self, n: int) -> None:
+        """Count ``n`` more consumers; call before each send of the request."""
+        if self._released:
+            raise MultimodalTransportError(
+                f"segment {self.name} was released by its creator and can't be sent again"
+            )
+        _adjust_refcount(self._fd, self.path, n)
+
+    def release(self) -> None:
+        """Drop the creator's reference (idempotent); unlinks if it was the last."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            _adjust_refcount(self._fd, self.path, -1)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _destroy(self) -> None:
+        """Unlink and close after a failed construction."""
+        self._released = True
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abandon(self) -> None:
+        """Unlink a segment that was never sent (a failure before sending)."""
+        self._destroy()
+
+
+def map_segment(shm_dir: str, seg: SegmentDescriptor, digest: bytes) -> mmap.mmap:
+    """Map ``seg`` privately (copy-on-write) and drop one consumer reference.
+
+    ``digest`` is the table digest computed from the descriptors this rank received. The
+    returned mapping covers header and payload. Raises :class:`MultimodalTransportError`
+    for a forged, stale or inconsistent descriptor; the reference is dropped whenever the
+    segment is ours (nonce matches), so a refused request leaks nothing.
+    """
+    path = _path(shm_dir, seg.name)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise MultimodalTransportError(
+            f"segment {seg.name} does not exist (already consumed, swept, or never created)"
+        ) from None
+    except OSError as e:
+        raise MultimodalTransportError(f"cannot open segment {seg.name}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
+            raise MultimodalTransportError(f"segment {seg.name} is truncated or not a file")
+        magic, version, hdr, payload_nbytes, _, nonce, stored_digest = HEADER.unpack(
+            os.pread(fd, HEADER_SIZE, 0)
+        )
+        if magic != MAGIC or version != VERSION or hdr != HEADER_SIZE:
+            raise MultimodalTransportError(f"segment {seg.name} has no valid header")
+        if not hmac.compare_digest(nonce, bytes(seg.nonce)):
+            raise MultimodalTransportError(
+                f"descriptor does not belong to segment {seg.name} (nonce mismatch)"
+            )
+        # From here on the segment is ours: drop the reference even if we refuse it.
+        problem = None
+        if payload_nbytes != seg.payload_nbytes or st.st_size != HEADER_SIZE + payload_nbytes:
+            problem = (
+                f"segment {seg.name} is truncated or resized: {st.st_size} bytes, "
+                f"descriptor says {HEADER_SIZE + seg.payload_nbytes}"
+            )
+        elif not hmac.compare_digest(stored_digest, digest):
+            problem = (
+                f"descriptors of segment {seg.name} do not match its header "
+                "(wrong dtype, shape, nbytes, offset or hash)"
+            )
+        mapping = None
+        if problem is None:
+            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        _adjust_refcount(fd, path, -1)
+        if problem is not None:
+            raise MultimodalTransportError(problem)
+        return mapping
+    finally:
+        os.close(fd)
+
+
+def segment_names(shm_dir: str) -> list[str]:
+    """Names of every sglang_mmpre segment in ``shm_dir``."""
+    try:
+        entries = os.listdir(shm_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in entries if SEGMENT_NAME_RE.match(n))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(shm_dir: str) -> list[str]:
+    """Unlink segments whose creator process is dead; return their names.
+
+    Only names that match our prefix and pattern are considered, and a segment whose
+    creator is alive (a running server's) is never touched.
+    """
+    removed = []
+    for name in segment_names(shm_dir):
+        pid = int(SEGMENT_NAME_RE.match(name).group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # pragma: no cover - permissions of a foreign file
+            if e.errno != errno.EPERM:
+                raise
+    if removed:
+        logger.warning(
+            "sglang_mmpre: removed %d shared-memory segment(s) left by dead processes in %s",
+            len(removed), shm_dir,
+        )
+    return removed
