@@ -1,0 +1,76 @@
+"""A scheduler object that runs sglang's *real* (patched) ``Scheduler`` methods.
+
+Building a full ``Scheduler`` loads a model on a GPU. The request-handling methods under
+test need only a handful of attributes, so :class:`SchedulerUnderTest` borrows the real
+functions from ``sglang.srt.managers.scheduler.Scheduler`` and supplies those attributes;
+the queue stand-in records what the real code enqueues.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+__all__ = ["SchedulerUnderTest", "DistributedCallCounter"]
+
+
+class DistributedCallCounter:
+    """Counts every call into ``torch.distributed``'s collective and group API."""
+
+    NAMES = ("broadcast", "broadcast_object_list", "all_reduce", "barrier", "all_gather",
+             "all_gather_object", "gather", "scatter", "send", "recv", "get_world_size",
+             "get_rank", "is_initialized")
+
+    def __init__(self, monkeypatch) -> None:
+        import torch.distributed as dist
+
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            real = getattr(dist, name)
+
+            def wrapper(*args, __real=real, __name=name, **kwargs):
+                self.calls.append(__name)
+                return __real(*args, **kwargs)
+
+            monkeypatch.setattr(dist, name, wrapper)
+
+
+class SchedulerUnderTest:
+    """Just enough of a Scheduler for ``handle_generate_request`` / ``handle_embedding_request``."""
+
+    def __init__(self, tp_size: int = 1, pp_size: int = 1, max_req_input_len: int = 100_000,
+                 cpu_group: Any = None, is_entry_rank: bool = True, tp_rank: int = 0) -> None:
+        import sglang.srt.managers.schedule_batch as schedule_batch
+        from sglang.srt.disaggregation.utils import DisaggregationMode
+        from sglang.srt.managers.mm_utils import MultiModalityDataPaddingPatternMultimodalTokens
+        from sglang.srt.managers.scheduler import Scheduler
+
+        # Req.set_finish_with_abort asks the (absent) TP group for this rank's index.
+        schedule_batch.get_tensor_model_parallel_rank = lambda: tp_rank
+        cls = type(self)
+        for name in ("handle_generate_request", "handle_embedding_request",
+                     "handle_batch_generate_request", "init_req_max_new_tokens",
+                     "_process_and_broadcast_mm_inputs"):
+            setattr(cls, name, getattr(Scheduler, name))
+        self.server_args = types.SimpleNamespace(
+            enable_dp_attention=False, disaggregation_bootstrap_port=8998,
+            allow_auto_truncate=False,
+        )
+        self.tp_size, self.pp_size, self.attn_tp_size = tp_size, pp_size, tp_size
+        self.cpu_group, self.is_entry_rank = cpu_group, is_entry_rank
+        self.sessions: dict = {}
+        self.model_config = types.SimpleNamespace(hf_eos_token_id=None, vocab_size=300)
+        self.disaggregation_mode = DisaggregationMode.NULL
+        self.enable_metrics = False
+        self.metrics_collector = None
+        self.tokenizer = None
+        self.grammar_backend = None
+        self.grammar_queue: list = []
+        self.max_req_input_len = max_req_input_len
+        self.max_req_len = max_req_input_len + 1
+        pattern = MultiModalityDataPaddingPatternMultimodalTokens()
+        self.pad_input_ids_func = pattern.pad_input_tokens
+        self.queued: list = []
+
+    def _add_request_to_queue(self, req, is_retracted: bool = False) -> None:
+        self.queued.append(req)
