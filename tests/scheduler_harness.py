@@ -8,6 +8,7 @@ the queue stand-in records what the real code enqueues.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -35,6 +36,24 @@ class DistributedCallCounter:
             monkeypatch.setattr(dist, name, wrapper)
 
 
+def _ensure_global_server_args() -> None:
+    """A real Scheduler sets sglang's global ServerArgs; give Req a default one if unset."""
+    from sglang.srt import server_args as sa
+
+    try:
+        sa.get_global_server_args()
+        return
+    except ValueError:
+        pass
+    args = object.__new__(sa.ServerArgs)  # defaults only: no model to inspect here
+    for f in dataclasses.fields(sa.ServerArgs):
+        if f.default is not dataclasses.MISSING:
+            setattr(args, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(args, f.name, f.default_factory())
+    sa.set_global_server_args_for_scheduler(args)
+
+
 class SchedulerUnderTest:
     """Just enough of a Scheduler for ``handle_generate_request`` / ``handle_embedding_request``."""
 
@@ -45,6 +64,7 @@ class SchedulerUnderTest:
         from sglang.srt.managers.mm_utils import MultiModalityDataPaddingPatternMultimodalTokens
         from sglang.srt.managers.scheduler import Scheduler
 
+        _ensure_global_server_args()
         # Req.set_finish_with_abort asks the (absent) TP group for this rank's index.
         schedule_batch.get_tensor_model_parallel_rank = lambda: tp_rank
         cls = type(self)
