@@ -214,3 +214,25 @@ def test_failed_send_uncounts_consumers(shm_dir):
 
     asyncio.run(run())
     assert segment_names(str(shm_dir)) == []
+
+
+def test_pipeline_stage_forwarding_after_handling_resolves_again(shm_dir):
+    """sglang forwards recv_reqs to the next PP stage after process_input_requests: the
+    forwarded object must still carry descriptors, and every stage's ranks map it."""
+    tp, pp = 2, 2
+    side = TokenizerSide(types.SimpleNamespace(tp_size=tp, pp_size=pp), shm_settings(shm_dir))
+    req = types.SimpleNamespace(mm_inputs=image_mm_dict(224, 224))
+    sent = []
+    asyncio.run(side.materialize_request(req))
+    side.send(types.SimpleNamespace(send_pyobj=lambda o: sent.append(pickle.dumps(o))), req)
+    stage_input = sent[0]
+    results = []
+    for _stage in range(pp):
+        ranks = [pickle.loads(stage_input) for _ in range(tp)]
+        for rank_req in ranks:
+            results.append(resolve(rank_req.materialized_mm_inputs, tp * pp, str(shm_dir)))
+        stage_input = pickle.dumps(ranks[0])  # the stage entry rank forwards what it handled
+        assert len(stage_input) < 4096
+    first = results[0].mm_items[0].feature
+    assert all(torch.equal(r.mm_items[0].feature, first) for r in results)
+    assert segment_names(str(shm_dir)) == []

@@ -10,6 +10,7 @@ receive the same request refuse it the same way (see ``MultimodalTransportError`
 
 from __future__ import annotations
 
+import copy
 import mmap
 from typing import Any
 
@@ -87,6 +88,24 @@ def _check_item_hashes(inputs: Any) -> None:
                     )
 
 
+def _copy_for_views(inputs: Any) -> Any:
+    """A copy of ``inputs`` whose tensor slots can be replaced without touching ``inputs``.
+
+    The carried object must keep its descriptors: with pipeline parallelism the scheduler
+    forwards ``recv_reqs`` to the next stage (``point_to_point_pyobj``) *after* handling
+    them, and that stage's ranks resolve the same descriptors again.
+    """
+    new = copy.copy(inputs)
+    new.mm_items = []
+    for item in inputs.mm_items:
+        clone = copy.copy(item)
+        msd = item.__dict__.get("model_specific_data")
+        if isinstance(msd, dict):
+            clone.__dict__["model_specific_data"] = dict(msd)
+        new.mm_items.append(clone)
+    return new
+
+
 def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     """Return the ``MultimodalInputs`` carried by ``m``, dropping this rank's reference.
 
@@ -130,5 +149,6 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     for desc in table:
         _check_tensor(desc, seg.payload_nbytes)
     _check_item_hashes(inputs)
-    walk_tensors(inputs, lambda leaf, _h: _view(mapping, leaf) if isinstance(leaf, TensorDescriptor) else leaf)
-    return inputs
+    resolved = _copy_for_views(inputs)
+    walk_tensors(resolved, lambda leaf, _h: _view(mapping, leaf) if isinstance(leaf, TensorDescriptor) else leaf)
+    return resolved
