@@ -1,0 +1,1 @@
+"""Benchmarks of the multimodal-input schemes (see ``compare_schemes``). Not shipped."""

@@ -1,0 +1,193 @@
+"""pytest-benchmark: the scheduler-side handling of ONE request, per scheme and feature size.
+
+    pytest benchmarks --benchmark-only --benchmark-group-by=param
+
+Single process, TP=1 semantics (no collective), one test per mode, each parametrized by
+the feature size only, so that grouping by param puts the six modes side by side:
+
+- ``original`` / ``per_request_broadcast`` / ``batch_broadcast``: ``from_dict`` of a fresh
+  processor dict (per_request_broadcast through sglang's real, unbound
+  ``Scheduler._process_and_broadcast_mm_inputs``, which at world size 1 materializes
+  locally; batch_broadcast through the seed's cache, which is skipped at TP=1);
+- ``upstream_shm_barrier``: unpickling the request (which maps its per-feature segment,
+  as upstream's ``__setstate__`` does), copying the feature out, unlinking, and the
+  hash-free ``from_dict``; hashing and segment creation are in the setup;
+- ``tokenizer_stage``: ``take_multimodal_inputs`` on a freshly unpickled request whose
+  segment was created (``TokenizerSide.build``) and sent (``TokenizerSide.send``) in setup;
+- ``floor``: nothing but the harness's per-batch dispatch.
+
+Setup (fresh dicts, segment creation, pickling) runs outside the timed region
+(``benchmark.pedantic(setup=...)``). No timing assertions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import types
+
+import pytest
+
+from benchmarks import _standin
+
+_standin.install()
+
+from benchmarks.schemes import (  # noqa: E402
+    PLACEHOLDER,
+    UPSTREAM_PREFIX,
+    RankContext,
+    compute_features,
+    fresh_mm_dict,
+    handle_batch,
+    make_request,
+    upstream_prepare,
+)
+
+SIZES = ["448x448", "1120x700", "1920x1080"]
+ROUNDS = {"448x448": 30, "1120x700": 15, "1920x1080": 15}
+_rid = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def features():
+    return {size: compute_features(size) for size in SIZES}
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return RankContext(rank=0, world=1, group=None)
+
+
+def _own_segments() -> list[str]:
+    pid = os.getpid()
+    prefixes = (f"sglmmpre_{pid}_", f"{UPSTREAM_PREFIX}{pid}_")
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+
+
+@pytest.fixture(autouse=True)
+def no_segments_left():
+    yield
+    left = _own_segments()
+    for name in left:  # clean up before failing, so one failure does not cascade
+        os.unlink(os.path.join("/dev/shm", name))
+    assert not left, f"segments left in /dev/shm: {left}"
+
+
+def _bench(benchmark, size, setup, target):
+    benchmark.group = size
+    benchmark.extra_info["feature_size"] = size
+    result = benchmark.pedantic(target, setup=setup, rounds=ROUNDS[size], iterations=1,
+                                warmup_rounds=1)
+    return result
+
+
+def _check(inputs) -> None:
+    assert inputs is not None
+    assert inputs.mm_items and inputs.mm_items[0].hash is not None
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_original(benchmark, features, size):
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+
+    f = features[size]
+    _check(_bench(benchmark, size, lambda: ((fresh_mm_dict(f),), {}), MultimodalInputs.from_dict))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_per_request_broadcast(benchmark, features, size):
+    from sglang.srt.managers.scheduler import Scheduler
+
+    f = features[size]
+    sglang_self = types.SimpleNamespace(cpu_group=None, is_entry_rank=True)
+
+    def target(mm):
+        return Scheduler._process_and_broadcast_mm_inputs(sglang_self, mm)
+
+    _check(_bench(benchmark, size, lambda: ((fresh_mm_dict(f),), {}), target))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_batch_broadcast(benchmark, features, ctx, size):
+    f = features[size]
+
+    def setup():
+        return ((make_request(f"b{next(_rid)}", f, fresh_mm_dict(f)),), {})
+
+    def target(req):
+        [(_rid_, inputs, err)] = handle_batch("batch_broadcast", ctx, [req])
+        assert err is None
+        return inputs
+
+    _check(_bench(benchmark, size, setup, target))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_upstream_shm_barrier(benchmark, features, ctx, size):
+    f = features[size]
+
+    def setup():
+        mm, _ = upstream_prepare(fresh_mm_dict(f))  # tokenizer side: hash + segment
+        return ((pickle.dumps(make_request(f"u{next(_rid)}", f, mm)),), {})
+
+    def target(data):
+        req = pickle.loads(data)  # maps the segment (upstream's __setstate__)
+        [(_rid_, inputs, err)] = handle_batch("upstream_shm_barrier", ctx, [req])
+        assert err is None
+        return inputs
+
+    _check(_bench(benchmark, size, setup, target))
+
+
+class _CaptureSocket:
+    def __init__(self) -> None:
+        self.data = None
+
+    def send_pyobj(self, obj) -> None:
+        self.data = pickle.dumps(obj)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_tokenizer_stage(benchmark, features, ctx, size):
+    from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+
+    f = features[size]
+    side = TokenizerSide(types.SimpleNamespace(
+        tp_size=1, pp_size=1, dp_size=1, enable_dp_attention=False, dist_init_addr=None,
+        nnodes=1,
+    ))
+
+    def setup():
+        req = make_request(f"t{next(_rid)}", f, None)
+        req.materialized_mm_inputs = side.build(fresh_mm_dict(f))
+        assert req.materialized_mm_inputs.writer is not None  # it went to shared memory
+        sock = _CaptureSocket()
+        side.send(sock, req)  # counts the one consumer, drops the creator reference
+        return ((pickle.loads(sock.data),), {})
+
+    def target(req):
+        inputs, err = take_multimodal_inputs(ctx.scheduler_like, req)
+        assert err is None
+        return inputs
+
+    try:
+        _check(_bench(benchmark, size, setup, target))
+    finally:
+        side.shutdown()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_floor(benchmark, features, ctx, size):
+    f = features[size]
+
+    def setup():
+        req = make_request(f"f{next(_rid)}", f, None)
+        req.bench_placeholder = PLACEHOLDER
+        return ((req,), {})
+
+    def target(req):
+        return handle_batch("floor", ctx, [req])
+
+    _bench(benchmark, size, setup, target)
