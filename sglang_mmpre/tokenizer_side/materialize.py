@@ -90,6 +90,9 @@ def pack_size(inputs: Any) -> int:
 def pack(inputs: Any, shm_dir: str, consumers: int) -> Optional[MaterializedMultimodalInputs]:
     """Write ``inputs``' tensors into a new segment and replace them by descriptors.
 
+    The replacement is in place, in the item objects (and their ``model_specific_data``)
+    that the processor returned for this request, as ``from_dict`` also mutates them.
+
     Returns None when ``inputs`` holds no tensor that can travel. Raises
     ``SegmentAllocationError`` (nothing created, ``inputs`` untouched) when the segment
     can't be created.
