@@ -1,6 +1,8 @@
 """The ``sglang-mmpre patch`` tooling: apply, check, revert and inspect the patches in
 ``patches/`` on an installed sglang 0.5.5 (``installer``), with a strict unified-diff
-applier underneath (``unified_diff``) and the command line in ``cli``."""
+applier underneath (``unified_diff``) and the command line in ``cli``. ``installer`` plans
+each file's new bytes in memory (``plan``), keeps the originals and the manifest in the
+backup directory (``backup``), and finds and checks the sglang tree (``sglang_root``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Reads what ``git diff`` and ``diff -u`` write: optional ``diff --git`` / ``index`` /
 ``new file mode`` headers, then ``--- old`` / ``+++ new`` and ``@@ -l,s +l,s @@`` hunks.
 Paths are kept as written (``a/python/sglang/...``); mapping them onto a directory is the
-caller's business (see ``installer``).
+caller's business (see ``plan``).
 
 Applying is all-or-nothing per file and exact, like ``patch --fuzz=0``: a hunk's context
 and removed lines must match the file byte for byte (line endings included), first at the
