@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import mmap
+import struct
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,9 @@ def _view(mapping: mmap.mmap, desc: TensorDescriptor) -> Any:
 def _check_item_hashes(inputs: Any) -> None:
     """The item's ``hash``/``pad_value`` must be the ones its descriptor was written with."""
     for item in inputs.mm_items:
-        if item.hash is None or item.pad_value != item.hash % (1 << 30):
+        item_hash = getattr(item, "hash", None)
+        pad_value = getattr(item, "pad_value", None)
+        if not isinstance(item_hash, int) or pad_value != item_hash % (1 << 30):
             raise MultimodalTransportError("item hash and pad_value are inconsistent")
         for name in HASHED_FIELDS:
             value = item.__dict__.get(name)
@@ -139,13 +142,24 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     _check_segment(seg)
     # The digest covers every descriptor; checks that would refuse the request are made
     # after map_segment has dropped our reference, so a refusal leaks nothing.
-    digest = table_digest(seg, table)
-    mapping = map_segment(shm_dir, seg, digest)
+    try:
+        digest = table_digest(seg, table)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        # A field of a type or range the tokenizer never writes: a digest that matches no
+        # header, so map_segment refuses it and still drops our reference.
+        digest = b""
     if seg.consumers != expected_consumers:
+        # Drop our reference if the segment is still there, but give every rank the same
+        # verdict: with a wrong count, early ranks may already have unlinked it.
+        try:
+            map_segment(shm_dir, seg, digest)
+        except MultimodalTransportError:
+            pass
         raise MultimodalTransportError(
             f"request was counted for {seg.consumers} consuming ranks but this server has "
             f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
         )
+    mapping = map_segment(shm_dir, seg, digest)
     for desc in table:
         _check_tensor(desc, seg.payload_nbytes)
     _check_item_hashes(inputs)

@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 SEGMENT_PREFIX = "sglmmpre_"
-# prefix, creator pid, 96 random bits: no path separator can ever match.
-SEGMENT_NAME_RE = re.compile(r"^sglmmpre_([1-9][0-9]{0,9})_([0-9a-f]{24})$")
+# prefix, creator pid, 96 random bits: no path separator can ever match. \Z, not $:
+# $ also matches before a trailing newline, which would let "<name>\n" pass.
+SEGMENT_NAME_RE = re.compile(r"^sglmmpre_([1-9][0-9]{0,9})_([0-9a-f]{24})\Z")
 
 # dtypes that may travel; anything else travels inline.
 _TORCH_DTYPES = {

@@ -285,21 +285,25 @@ def _pid_alive(pid: int) -> bool:
 def sweep(shm_dir: str) -> list[str]:
     """Unlink segments whose creator process is dead; return their names.
 
-    Only names that match our prefix and pattern are considered, and a segment whose
-    creator is alive (a running server's) is never touched.
+    Only regular files whose names match our prefix and pattern are considered, and a
+    segment whose creator is alive (a running server's) is never touched.
     """
     removed = []
     for name in segment_names(shm_dir):
         pid = int(SEGMENT_NAME_RE.match(name).group(1))
         if pid == os.getpid() or _pid_alive(pid):
             continue
+        path = os.path.join(shm_dir, name)
         try:
-            os.unlink(os.path.join(shm_dir, name))
+            # We only ever create regular files: a directory, link or fifo is not ours.
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            os.unlink(path)
             removed.append(name)
         except FileNotFoundError:
             pass
         except OSError as e:  # pragma: no cover - permissions of a foreign file
-            if e.errno != errno.EPERM:
+            if e.errno not in (errno.EPERM, errno.EACCES, errno.EISDIR):
                 raise
     if removed:
         logger.warning(

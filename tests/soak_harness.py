@@ -1,0 +1,370 @@
+"""A tokenizer process and N scheduler-rank processes (gloo) for the soak and the
+multi-process forged-input tests (never shipped).
+
+Data path, as in a TP=N sglang server with this project's patch::
+
+    tokenizer process                          rank 0                 ranks 1..N-1
+    TokenizerSide.materialize_request  --ZMQ-->  recv (drain) --sglang broadcast_pyobj (gloo)-->
+    TokenizerSide.send (counts consumers)        every rank: real patched Scheduler.handle_generate_request
+                                      <--ZMQ--  rank 0: "done" rids      (take_multimodal_inputs)
+
+Each request runs inside ``TokenizerSide.request_scope()`` as ``generate_request`` does,
+so the creator reference is held until the "response" (the done rid) comes back. Plan
+kinds: ``good``; ``disconnect`` (the scope closes right after the send, as when a client
+goes away, before any rank has mapped the segment); ``n3`` (parallel sampling: one
+tokenized object sent 1 + 3 times); ``forged_nonce``/``forged_name`` (a forged copy that
+no rank may touch, then the genuine one); ``forged_nbytes`` (a forged table for our own
+segment: every rank drops its reference and aborts); ``raw_bad`` (a raw dict sglang's
+``from_dict`` rejects).
+
+Control messages travel the same path: ``measure`` makes every process record its open
+fds, RSS and mapped segments (after ``gc.collect()``; the ranks meet at a barrier first,
+so every earlier request has been handled everywhere), ``stop`` ends the ranks.
+
+usage: soak_harness.py tokenizer|rank RANK CONFIG_JSON
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+__all__ = ["run_harness", "free_port", "process_metrics"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_metrics(shm_dir: str) -> dict[str, int]:
+    """Open fds, RSS bytes and segments of ``shm_dir`` mapped by this process."""
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    rss = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    mapped = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if shm_dir in line:
+                mapped += 1
+    return {"pid": os.getpid(), "fds": fds, "rss": rss, "mapped_segments": mapped}
+
+
+def _shm_usage(shm_dir: str) -> dict[str, int]:
+    from sglang_mmpre.transport.segment import segment_names
+
+    names = segment_names(shm_dir)
+    total = 0
+    for n in names:
+        try:
+            total += os.stat(os.path.join(shm_dir, n)).st_size
+        except FileNotFoundError:
+            pass
+    return {"shm_count": len(names), "shm_bytes": total}
+
+
+# --------------------------------------------------------------------------------------
+# tokenizer process
+# --------------------------------------------------------------------------------------
+
+async def _tokenizer(cfg: dict) -> dict:
+    import asyncio
+    import copy
+    import dataclasses
+    import types
+
+    import torch
+    import zmq
+    import zmq.asyncio
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    from mm_fixtures import qwen2vl_pixels
+    from mm_requests import N_IMAGE_TOKENS, tokenized_request
+    from sglang_mmpre.config import Settings
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+    from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
+
+    shm_dir = cfg["shm_dir"]
+    side = TokenizerSide(types.SimpleNamespace(tp_size=cfg["world"], pp_size=1),
+                         Settings(enabled=True, shm_dir=shm_dir, shm_cap_bytes=1 << 34, threads=2))
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(cfg["to_ranks"])
+    actx = zmq.asyncio.Context()
+    pull = actx.socket(zmq.PULL)
+    pull.bind(cfg["to_tokenizer"])
+    pixels, grid = qwen2vl_pixels(224, 224, seed=0)  # one feature, reused by every request
+
+    def mm_dict() -> dict:
+        item = MultimodalDataItem(modality=Modality.IMAGE, feature=pixels,
+                                  offsets=[(3, 3 + N_IMAGE_TOKENS)],
+                                  model_specific_data={"image_grid_thw": grid})
+        return {"mm_items": [item], "im_token_id": 261, "video_token_id": 262,
+                "mrope_positions": torch.arange(3 * (N_IMAGE_TOKENS + 8)).view(3, -1),
+                "mrope_position_delta": torch.tensor([[-5]])}
+
+    events: dict[str, asyncio.Event] = {}
+    acks: dict[str, asyncio.Event] = {}
+
+    async def reader() -> None:
+        while True:
+            msg = await pull.recv_pyobj()
+            for rid in msg.get("done", ()):
+                events.pop(rid).set()
+            if "ack" in msg:
+                acks[msg["ack"]].set()
+
+    def expect(rid: str) -> asyncio.Event:
+        ev = events[rid] = asyncio.Event()
+        return ev
+
+    def with_rid(obj, rid: str, m: Any = None):
+        o = copy.copy(obj)
+        o.rid = rid
+        if m is not None:
+            o.materialized_mm_inputs = m
+        return o
+
+    async def one(prefix: str, kind: str, pending: list) -> None:
+        waits = []
+        with side.request_scope():
+            if kind == "raw_bad":
+                obj = tokenized_request({"mm_items": "not a list"}, f"{prefix}-0")
+                waits.append(expect(obj.rid))
+                push.send_pyobj(obj)
+            else:
+                obj = await side.materialize_request(tokenized_request(mm_dict(), prefix))
+                m = obj.materialized_mm_inputs
+                if kind in ("forged_nonce", "forged_name"):
+                    change = ({"nonce": bytes(16)} if kind == "forged_nonce"
+                              else {"name": "../../etc/passwd"})
+                    forged = MaterializedMultimodalInputs(
+                        m.inputs, dataclasses.replace(m.segment, **change))
+                    waits.append(expect(f"{prefix}-0"))
+                    push.send_pyobj(with_rid(obj, f"{prefix}-0", forged))  # not counted
+                    waits.append(expect(f"{prefix}-1"))
+                    side.send(push, with_rid(obj, f"{prefix}-1"))
+                elif kind == "forged_nbytes":
+                    inputs = copy.deepcopy(m.inputs)
+                    item = inputs.mm_items[0]
+                    item.feature = dataclasses.replace(item.feature,
+                                                       nbytes=item.feature.nbytes - 4)
+                    waits.append(expect(f"{prefix}-0"))
+                    side.send(push, with_rid(
+                        obj, f"{prefix}-0",
+                        MaterializedMultimodalInputs(inputs, m.segment, m.writer)))
+                else:
+                    sends = 4 if kind == "n3" else 1
+                    for k in range(sends):
+                        waits.append(expect(f"{prefix}-{k}"))
+                        side.send(push, with_rid(obj, f"{prefix}-{k}"))
+            if kind == "disconnect":
+                pending.extend(waits)  # the client is gone: the scope closes now
+                return
+            for ev in waits:
+                await ev.wait()
+
+    async def phase(name: str, kinds: list[str]) -> None:
+        # ``window`` clients, each sending its next request once the previous one ended:
+        # at most ``window`` requests in flight, and no task per request created up front.
+        pending: list = []
+        todo = iter(enumerate(kinds))
+
+        async def client() -> None:
+            for i, kind in todo:
+                await one(f"{name}{i}", kind, pending)
+
+        await asyncio.gather(*(client() for _ in range(cfg["window"])))
+        for ev in pending:
+            await ev.wait()
+        pending.clear()
+
+    async def measure(tag: str) -> dict:
+        acks[tag] = asyncio.Event()
+        push.send_pyobj({"ctl": "measure", "tag": tag})
+        await acks[tag].wait()
+        return {**process_metrics(shm_dir), **_shm_usage(shm_dir), "held_bytes": side.held_bytes}
+
+    reader_task = asyncio.ensure_future(reader())
+    out: dict[str, Any] = {}
+    await phase("w", ["good"] * cfg["warmup"])
+    out["baseline"] = await measure("baseline")
+    t0 = time.monotonic()
+    await phase("req", cfg["plan"])
+    out["seconds"] = time.monotonic() - t0
+    out["after"] = await measure("after")
+    push.send_pyobj({"ctl": "stop"})
+    reader_task.cancel()
+    push.close(linger=5000)
+    pull.close(linger=0)
+    actx.term()
+    side.shutdown()
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# rank processes
+# --------------------------------------------------------------------------------------
+
+def _read_features(req: Any) -> None:
+    """Read every feature page, as the model's forward would (no reference kept)."""
+    for item in req.multimodal_inputs.mm_items:
+        float(item.feature.sum())
+
+
+def _rank(rank: int, cfg: dict) -> dict:
+    import torch.distributed as dist
+    import zmq
+    from sglang.srt.utils import broadcast_pyobj
+
+    from scheduler_harness import SchedulerUnderTest
+
+    world, shm_dir = cfg["world"], cfg["shm_dir"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=rank,
+                            world_size=world)
+    group = dist.group.WORLD
+    pull = push = None
+    if rank == 0:
+        ctx = zmq.Context.instance()
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(cfg["to_ranks"])
+        push = ctx.socket(zmq.PUSH)
+        push.connect(cfg["to_tokenizer"])
+    scheduler = SchedulerUnderTest(tp_size=world, cpu_group=group, is_entry_rank=rank == 0,
+                                   tp_rank=rank)
+    out: dict[str, Any] = {"outcomes": {}, "served": 0}
+    running = True
+    while running:
+        batch: list = []
+        if rank == 0:
+            if pull.poll(timeout=20):
+                while True:
+                    try:
+                        batch.append(pull.recv_pyobj(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+        batch = broadcast_pyobj(batch, rank, group, src=0)
+        done = []
+        for obj in batch:
+            if isinstance(obj, dict):
+                if obj["ctl"] == "stop":
+                    running = False
+                    continue
+                dist.barrier(group=group)  # every rank has handled every earlier request
+                out[obj["tag"]] = process_metrics(shm_dir)
+                dist.barrier(group=group)
+                if rank == 0:
+                    push.send_pyobj({"ack": obj["tag"]})
+                continue
+            scheduler.handle_generate_request(obj)
+            (req,) = scheduler.queued
+            scheduler.queued.clear()
+            if req.to_finish is None:
+                _read_features(req)
+                out["served"] += 1
+                out["outcomes"][req.rid] = "served"
+            else:
+                out["outcomes"][req.rid] = req.to_finish.message
+            done.append(req.rid)
+            del req
+        if rank == 0 and done:
+            push.send_pyobj({"done": done})
+    if rank == 0:
+        pull.close(linger=0)
+        push.close(linger=5000)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+    return out
+
+
+def _child_main(role: str, rank: int, cfg_path: str) -> None:
+    import gpu_module_standin
+
+    gpu_module_standin.install()
+    cfg = json.loads(Path(cfg_path).read_text())
+    if role == "tokenizer":
+        import asyncio
+
+        out = asyncio.run(_tokenizer(cfg))
+        name = "tokenizer.json"
+    else:
+        out = _rank(rank, cfg)
+        name = f"rank{rank}.json"
+    Path(cfg["out_dir"], name).write_text(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------
+# the launcher (runs in pytest)
+# --------------------------------------------------------------------------------------
+
+def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmup: int,
+                window: int = 8, timeout_s: float | None = None) -> dict:
+    """Run ``plan`` through a tokenizer process and ``world`` rank processes.
+
+    Asserts every exit code is 0 (killing the rest on timeout) and returns
+    ``{"tokenizer": ..., "ranks": [...]}`` as the processes reported it.
+    """
+    ipc_dir = tempfile.mkdtemp(prefix="mmpre_ipc_", dir="/tmp")  # short: ipc paths are capped
+    cfg = {
+        "world": world, "port": free_port(), "shm_dir": str(shm_dir), "out_dir": str(out_dir),
+        "to_ranks": f"ipc://{ipc_dir}/to_ranks", "to_tokenizer": f"ipc://{ipc_dir}/to_tok",
+        "plan": plan, "warmup": warmup, "window": window,
+    }
+    cfg_path = Path(out_dir, "harness.json")
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "SGLANG_MM_SHM_DIR": str(shm_dir)}
+    roles = [("rank", r) for r in range(world)] + [("tokenizer", 0)]
+    logs = []
+    procs = []
+    if timeout_s is None:
+        timeout_s = 300 + 0.2 * (len(plan) + warmup)
+    try:
+        for role, rank in roles:
+            log = open(Path(out_dir, f"{role}{rank}.log"), "wb")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), role, str(rank), str(cfg_path)],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append("timeout")
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    if codes != [0] * len(roles):
+        tails = {f"{role}{rank}": Path(out_dir, f"{role}{rank}.log").read_text(errors="replace")[-3000:]
+                 for role, rank in roles}
+        raise AssertionError(f"exit codes {codes} for {roles}; logs: {json.dumps(tails, indent=1)}")
+    return {
+        "tokenizer": json.loads(Path(out_dir, "tokenizer.json").read_text()),
+        "ranks": [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)],
+    }
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
