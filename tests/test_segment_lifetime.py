@@ -236,3 +236,12 @@ def test_pipeline_stage_forwarding_after_handling_resolves_again(shm_dir):
     first = results[0].mm_items[0].feature
     assert all(torch.equal(r.mm_items[0].feature, first) for r in results)
     assert segment_names(str(shm_dir)) == []
+
+
+def test_abandon_unlinks_even_while_a_view_of_the_payload_is_alive(shm_dir):
+    """A failed copy can leave a view in a traceback; the file must still go."""
+    w = SegmentWriter(str(shm_dir), 4096)
+    view = torch.frombuffer(w.payload, dtype=torch.uint8)
+    w.abandon()
+    assert os.listdir(shm_dir) == []
+    del view

@@ -151,7 +151,7 @@ class TokenizerSide:
 
     def release(self, writer: SegmentWriter) -> None:
         """Drop a segment's creator reference (idempotent)."""
-        if writer._released:
+        if writer.released:
             return
         writer.release()
         self._uncount(writer.payload_nbytes)

@@ -194,7 +194,10 @@ class SegmentWriter:
         """Unlink and close after a failed construction."""
         self._released = True
         if self._mmap is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # a view is still alive (e.g. in a traceback); it unmaps when freed
             self._mmap = None
         try:
             os.unlink(self.path)
@@ -203,6 +206,11 @@ class SegmentWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    @property
+    def released(self) -> bool:
+        """Whether the creator reference was dropped (or the segment destroyed)."""
+        return self._released
 
     def abandon(self) -> None:
         """Unlink a segment that was never sent (a failure before sending)."""
