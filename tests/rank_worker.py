@@ -26,7 +26,7 @@ def main(rank: int, world: int, port: int, addr: str, out_dir: str, n_requests: 
     import zmq
     from sglang.srt.utils import broadcast_pyobj
 
-    from scheduler_harness import SchedulerUnderTest
+    from scheduler_harness import SchedulerUnderTest, drain
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -45,13 +45,7 @@ def main(rank: int, world: int, port: int, addr: str, out_dir: str, n_requests: 
     while seen < n_requests:
         if time.monotonic() > deadline:
             raise SystemExit(f"rank {rank}: only {seen}/{n_requests} requests arrived")
-        batch = []
-        if rank == 0:
-            while True:
-                try:
-                    batch.append(socket.recv_pyobj(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+        batch = drain(socket) if rank == 0 else []
         batch = broadcast_pyobj(batch, rank, group, src=0)
         for name, fn in real.items():  # count calls made while handling requests only
             setattr(dist, name, lambda *a, __fn=fn, __n=name, **k: (calls.append(__n), __fn(*a, **k))[1])

@@ -12,7 +12,7 @@ import dataclasses
 import types
 from typing import Any
 
-__all__ = ["SchedulerUnderTest", "DistributedCallCounter"]
+__all__ = ["SchedulerUnderTest", "DistributedCallCounter", "drain"]
 
 
 class DistributedCallCounter:
@@ -34,6 +34,18 @@ class DistributedCallCounter:
                 return __real(*args, **kwargs)
 
             monkeypatch.setattr(dist, name, wrapper)
+
+
+def drain(socket: Any) -> list:
+    """Every object waiting on a ZMQ socket, without blocking (as ``recv_requests`` does)."""
+    import zmq
+
+    batch = []
+    while True:
+        try:
+            batch.append(socket.recv_pyobj(zmq.NOBLOCK))
+        except zmq.Again:
+            return batch
 
 
 def _ensure_global_server_args() -> None:

@@ -232,7 +232,7 @@ def _rank(rank: int, cfg: dict) -> dict:
     import zmq
     from sglang.srt.utils import broadcast_pyobj
 
-    from scheduler_harness import SchedulerUnderTest
+    from scheduler_harness import SchedulerUnderTest, drain
 
     world, shm_dir = cfg["world"], cfg["shm_dir"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=rank,
@@ -253,11 +253,7 @@ def _rank(rank: int, cfg: dict) -> dict:
         batch: list = []
         if rank == 0:
             if pull.poll(timeout=20):
-                while True:
-                    try:
-                        batch.append(pull.recv_pyobj(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                batch = drain(pull)
         batch = broadcast_pyobj(batch, rank, group, src=0)
         done = []
         for obj in batch:
