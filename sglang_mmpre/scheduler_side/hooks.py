@@ -10,6 +10,7 @@ from typing import Any, Optional
 from sglang_mmpre.config import scheduler_consumers_per_send, shm_dir
 from sglang_mmpre.errors import MultimodalTransportError
 from sglang_mmpre.scheduler_side.resolve import resolve
+from sglang_mmpre.transport.carrier import raw_mm_field
 
 __all__ = ["take_multimodal_inputs"]
 
@@ -25,9 +26,8 @@ def take_multimodal_inputs(scheduler: Any, recv_req: Any) -> tuple[Optional[Any]
     - an error: a message for ``req.set_finish_with_abort``; every rank gets the same.
     """
     materialized = getattr(recv_req, "materialized_mm_inputs", None)
-    raw = getattr(recv_req, "mm_inputs", None)
-    if raw is None:
-        raw = getattr(recv_req, "image_inputs", None)
+    field = raw_mm_field(recv_req)
+    raw = getattr(recv_req, field) if field else None
     if materialized is not None:
         try:
             return resolve(materialized, scheduler_consumers_per_send(scheduler), shm_dir()), None

@@ -29,26 +29,17 @@ from typing import Any, Iterator, Optional
 
 from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm_unusable_reason
 from sglang_mmpre.errors import SegmentAllocationError
-from sglang_mmpre.tokenizer_side.materialize import materialize, pack, pack_size
-from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
+from sglang_mmpre.tokenizer_side.materialize import materialize, pack, plan
+from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
 from sglang_mmpre.transport.segment import SegmentWriter, sweep
 
-__all__ = ["TokenizerSide", "RequestScope", "raw_mm_field"]
+__all__ = ["TokenizerSide", "RequestScope"]
 
 logger = logging.getLogger(__name__)
 
 _current_scope: contextvars.ContextVar[Optional["RequestScope"]] = contextvars.ContextVar(
     "sglang_mmpre_request_scope", default=None
 )
-
-
-def raw_mm_field(tokenized_obj: Any) -> Optional[str]:
-    """The attribute that holds the raw multimodal dict on a tokenized request."""
-    if hasattr(tokenized_obj, "mm_inputs"):
-        return "mm_inputs"
-    if hasattr(tokenized_obj, "image_inputs"):
-        return "image_inputs"
-    return None
 
 
 class RequestScope:
@@ -118,7 +109,10 @@ class TokenizerSide:
         if self._no_shm_reason is not None:
             self.warn_once("remote", f"multimodal tensors travel inline: {self._no_shm_reason}.")
             return MaterializedMultimodalInputs(inputs)
-        need = pack_size(inputs)
+        layout = plan(inputs)
+        if not layout.leaves:  # e.g. CUDA-resident features: nothing for shared memory
+            return MaterializedMultimodalInputs(inputs)
+        need = layout.payload_nbytes
         with self._lock:
             over_cap = self._held_bytes + need > self.settings.shm_cap_bytes
             if not over_cap:
@@ -132,7 +126,7 @@ class TokenizerSide:
             )
             return MaterializedMultimodalInputs(inputs)
         try:
-            packed = pack(inputs, self.settings.shm_dir, self.consumers)
+            return pack(inputs, layout, self.settings.shm_dir, self.consumers)
         except SegmentAllocationError as e:
             self._uncount(need)
             self.warn_once("alloc", f"{e} Falling back to inline transport.")
@@ -140,10 +134,6 @@ class TokenizerSide:
         except BaseException:
             self._uncount(need)
             raise
-        if packed is None:
-            self._uncount(need)
-            return MaterializedMultimodalInputs(inputs)
-        return packed
 
     def _uncount(self, nbytes: int) -> None:
         with self._lock:

@@ -13,7 +13,8 @@ their place (see ``transport.carrier``). Both run in a worker thread, off the ev
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, walk_te
 from sglang_mmpre.transport.descriptors import TensorDescriptor, dtype_name, table_digest
 from sglang_mmpre.transport.segment import ALIGN, SegmentWriter
 
-__all__ = ["materialize", "pack", "shm_eligible"]
+__all__ = ["materialize", "plan", "pack", "PackPlan", "shm_eligible"]
 
 
 def materialize(mm_dict: dict) -> Any:
@@ -53,8 +54,20 @@ def shm_eligible(leaf: Any) -> bool:
     return False
 
 
-def _plan(inputs: Any) -> tuple[list, int]:
-    """Leaves in walk order with their payload offsets, and the payload size."""
+def _nbytes(leaf: Any) -> int:
+    return leaf.nbytes if isinstance(leaf, np.ndarray) else leaf.numel() * leaf.element_size()
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each shm-eligible tensor of one request goes in the payload (walk order)."""
+
+    leaves: tuple[tuple[Any, int], ...]
+    payload_nbytes: int
+
+
+def plan(inputs: Any) -> PackPlan:
+    """Lay out ``inputs``' shm-eligible tensors, 64-byte aligned, without copying."""
     leaves: list[tuple[Any, int]] = []
     total = 0
 
@@ -63,43 +76,35 @@ def _plan(inputs: Any) -> tuple[list, int]:
         if shm_eligible(leaf):
             total = (total + ALIGN - 1) // ALIGN * ALIGN
             leaves.append((leaf, total))
-            total += leaf.nbytes if isinstance(leaf, np.ndarray) else leaf.numel() * leaf.element_size()
+            total += _nbytes(leaf)
         return leaf
 
     walk_tensors(inputs, visit)
-    return leaves, total
+    return PackPlan(tuple(leaves), total)
 
 
 def _copy_into(payload: memoryview, leaf: Any, offset: int) -> None:
+    n = _nbytes(leaf)
+    if not n:
+        return
     if isinstance(leaf, torch.Tensor):
-        n = leaf.numel() * leaf.element_size()
-        if n:
-            dst = torch.frombuffer(payload, dtype=torch.uint8, count=n, offset=offset)
-            dst.view(leaf.dtype).view(leaf.shape).copy_(leaf.detach())
+        dst = torch.frombuffer(payload, dtype=torch.uint8, count=n, offset=offset)
+        dst.view(leaf.dtype).view(leaf.shape).copy_(leaf.detach())
     else:
-        if leaf.nbytes:
-            dst = np.frombuffer(payload, dtype=np.uint8, count=leaf.nbytes, offset=offset)
-            np.copyto(dst.view(leaf.dtype).reshape(leaf.shape), leaf)
+        dst = np.frombuffer(payload, dtype=np.uint8, count=n, offset=offset)
+        np.copyto(dst.view(leaf.dtype).reshape(leaf.shape), leaf)
 
 
-def pack_size(inputs: Any) -> int:
-    """Payload bytes that :func:`pack` would need for ``inputs``."""
-    return _plan(inputs)[1]
-
-
-def pack(inputs: Any, shm_dir: str, consumers: int) -> Optional[MaterializedMultimodalInputs]:
-    """Write ``inputs``' tensors into a new segment and replace them by descriptors.
+def pack(inputs: Any, layout: PackPlan, shm_dir: str, consumers: int) -> MaterializedMultimodalInputs:
+    """Write ``inputs``' tensors into a new segment laid out by ``layout`` (from
+    :func:`plan`, which must hold at least one tensor) and replace them by descriptors.
 
     The replacement is in place, in the item objects (and their ``model_specific_data``)
     that the processor returned for this request, as ``from_dict`` also mutates them.
-
-    Returns None when ``inputs`` holds no tensor that can travel. Raises
-    ``SegmentAllocationError`` (nothing created, ``inputs`` untouched) when the segment
-    can't be created.
+    Raises ``SegmentAllocationError`` (nothing created, ``inputs`` untouched) when the
+    segment can't be created.
     """
-    leaves, total = _plan(inputs)
-    if not leaves:
-        return None
+    leaves, total = layout.leaves, layout.payload_nbytes
     writer = SegmentWriter(shm_dir, total)
     try:
         payload = writer.payload
@@ -114,9 +119,8 @@ def pack(inputs: Any, shm_dir: str, consumers: int) -> Optional[MaterializedMult
             if offset is None:
                 return leaf
             kind = "torch" if isinstance(leaf, torch.Tensor) else "numpy"
-            nbytes = leaf.nbytes if kind == "numpy" else leaf.numel() * leaf.element_size()
-            desc = TensorDescriptor(kind, dtype_name(leaf), tuple(leaf.shape), offset, nbytes,
-                                    item_hash)
+            desc = TensorDescriptor(kind, dtype_name(leaf), tuple(leaf.shape), offset,
+                                    _nbytes(leaf), item_hash)
             table.append(desc)
             return desc
 

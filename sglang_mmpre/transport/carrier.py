@@ -21,7 +21,7 @@ import torch
 
 from sglang_mmpre.transport.descriptors import SegmentDescriptor, TensorDescriptor
 
-__all__ = ["MaterializedMultimodalInputs", "walk_tensors", "HASHED_FIELDS"]
+__all__ = ["MaterializedMultimodalInputs", "walk_tensors", "raw_mm_field", "HASHED_FIELDS"]
 
 # The item fields sglang hashes for pad_value (feature first, else precomputed_embeddings).
 HASHED_FIELDS = ("feature", "precomputed_embeddings")
@@ -40,6 +40,15 @@ def _map_value(value: Any, fn: Callable[[Leaf, Optional[int]], Leaf], item_hash)
     if isinstance(value, list) and any(_is_leaf(v) or isinstance(v, list) for v in value):
         return [_map_value(v, fn, item_hash) for v in value]
     return value
+
+
+def raw_mm_field(tokenized_obj: Any) -> Optional[str]:
+    """The attribute that holds the raw multimodal dict on a tokenized request:
+    ``mm_inputs`` (generate) or ``image_inputs`` (embedding)."""
+    for name in ("mm_inputs", "image_inputs"):
+        if hasattr(tokenized_obj, name):
+            return name
+    return None
 
 
 def walk_tensors(inputs: Any, fn: Callable[[Leaf, Optional[int]], Leaf]) -> None:
