@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv, then compares every scheme with the embedded defaults
-# (TP=4, CPU, about 10 minutes on 2 cores). Results land in benchmarks/results/.
+# The main job: sets up .venv, then compares every scheme on sglang 0.5.5's real server
+# (TP=2, CPU, bench_serving with images; about 15 minutes on 2 cores). Results land in
+# benchmarks/results/server-<timestamp>.*. Arguments go to benchmarks.server_comparison.
+#   bash scripts/run_benchmark.sh --harness [args]   the multi-rank harness instead
+#                                                    (benchmarks.compare_schemes, TP=4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m benchmarks.compare_schemes "$@"
+if [ "${1:-}" = "--harness" ]; then
+  shift
+  exec .venv/bin/python -m benchmarks.compare_schemes "$@"
+fi
+exec .venv/bin/python -m benchmarks.server_comparison "$@"

@@ -66,3 +66,11 @@ def shm_dir():
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> Path:
+    """A tiny Qwen2-VL with random weights that a real server loads (built once, ~10 s)."""
+    from served_model import make_served_qwen2vl
+
+    return make_served_qwen2vl(tmp_path_factory.getbasetemp() / "served_qwen2vl")

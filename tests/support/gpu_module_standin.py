@@ -9,14 +9,25 @@ and ``schedule_batch`` modules. This finder answers ``import sgl_kernel...`` and
 The code paths this project touches (materialization, transport, request handling) never
 call into them; a placeholder that *is* called raises, so a test can't silently pass through
 one. This module is never shipped in the package.
+
+Four names are answered with real code, so that a whole sglang server computes on a CPU
+without AMX (``tests/support/real_server.py`` loads this module in every server process
+through ``sitecustomize``): ``layers/activation.py`` and ``layers/layernorm.py`` end with
+``from vllm.model_executor.layers... import SiluAndMul, GeluAndMul, RMSNorm, GemmaRMSNorm``,
+which would replace sglang's own classes. The stand-in hands back those very sglang classes
+(already defined higher up in the module being imported); their ``forward_native`` computes
+on CPU. ``vllm.logger.logger`` is a real ``logging.Logger`` (``suppress_other_loggers``
+calls ``setLevel`` on it).
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 import types
+from typing import Any, Callable
 
 __all__ = ["install"]
 
@@ -43,10 +54,31 @@ class _Placeholder:
         return (object,)
 
 
+def _sglang_class(module: str, name: str) -> Callable[[], Any]:
+    return lambda: getattr(sys.modules[module], name)
+
+
+# (stand-in module, attribute) -> the real object it answers with.
+_REAL_ATTRIBUTES: dict[tuple[str, str], Callable[[], Any]] = {
+    ("vllm.model_executor.layers.activation", name): _sglang_class(
+        "sglang.srt.layers.activation", name
+    )
+    for name in ("SiluAndMul", "GeluAndMul")
+} | {
+    ("vllm.model_executor.layers.layernorm", name): _sglang_class(
+        "sglang.srt.layers.layernorm", name
+    )
+    for name in ("RMSNorm", "GemmaRMSNorm")
+} | {("vllm.logger", "logger"): lambda: logging.getLogger("vllm")}
+
+
 class _StandInModule(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        real = _REAL_ATTRIBUTES.get((self.__name__, name))
+        if real is not None:
+            return real()
         return _Placeholder(f"{self.__name__}.{name}")
 
 

@@ -1,0 +1,287 @@
+"""The main job: every scheme on sglang 0.5.5's real server, driven by ``bench_serving``.
+
+For each scheme a real TP=2 server starts on CPU (``tests/support/real_server.py``: a tiny
+random Qwen2-VL, the CPU flags, patched copies of sglang first on the path):
+
+- ``as_shipped``: sglang 0.5.5 as released (per-request ``broadcast_object_list``);
+- ``revert``: ``patches/solution_1_revert.patch`` (every rank runs ``from_dict``, as 0.5.4);
+- ``batch_broadcast``: ``patches/improved_batch_broadcast.patch``;
+- ``optimized``: ``patches/optimized_implementation.patch`` (this project).
+
+All servers stay up together (idle ones sleep: ``--sleep-on-idle``); each is warmed up with
+requests of every workload's shape, then the rounds run. Every round drives every scheme
+once per workload and concurrency, in an order rotated each round, so that the machine's
+drift hits every scheme alike. A run is one ``python -m sglang.bench_serving --backend
+sglang --dataset-name image`` with a fixed seed (the same prompts and images for every
+scheme). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
+process is read.
+
+Per scheme, workload and concurrency the JSON row holds the median over rounds of the
+throughput and latency percentiles that bench_serving reports, and the CPU milliseconds
+per request of each process (tokenizer, scheduler_TP0, scheduler_TP1, detokenizer), summed
+over the rounds and divided by the requests served.
+
+Workloads are named WIDTHxHEIGHT. bench_serving's ``--image-resolution`` is HEIGHTxWIDTH
+(``parse_image_resolution`` in sglang 0.5.5), so 1120x700 is passed as ``700x1120``.
+
+Usage: ``python -m benchmarks.server_comparison [--rounds N] [--schemes a,b] ...``
+(``--help``); ``bash scripts/run_benchmark.sh`` runs it with the defaults. Outputs:
+``benchmarks/results/server-<timestamp>.json``, ``.md`` and ``_throughput.png`` /
+``_cpu.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from benchmarks import _standin
+
+_standin.install()
+
+from benchmarks.report import machine_info, write_json  # noqa: E402
+from real_server import SCHEMES, RealServer, ServerConfig, client_env  # noqa: E402
+from served_model import make_served_qwen2vl  # noqa: E402
+from server_cases import generate, image, post  # noqa: E402
+
+__all__ = ["main", "Workload"]
+
+DEFAULT_OUT = _standin.REPO_ROOT / "benchmarks" / "results"
+PROCESSES = ("tokenizer", "scheduler_TP0", "scheduler_TP1", "detokenizer")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Images of ``width`` x ``height`` pixels, one per request, ``prompts`` per run."""
+
+    width: int
+    height: int
+    prompts: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def bench_resolution(self) -> str:
+        return f"{self.height}x{self.width}"  # bench_serving reads HEIGHTxWIDTH
+
+
+WORKLOADS = {"448x448": Workload(448, 448, 48), "1120x700": Workload(1120, 700, 32)}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--schemes", default=",".join(SCHEMES),
+                   help="comma-separated, from: " + ", ".join(SCHEMES))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated, from: " + ", ".join(WORKLOADS))
+    p.add_argument("--concurrency", default="4,16", help="comma-separated max concurrencies")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repeats (default 2)")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--prompts-scale", type=float, default=1.0,
+                   help="multiplies each workload's prompts per run")
+    p.add_argument("--input-len", type=int, default=32, help="text tokens per prompt")
+    p.add_argument("--output-len", type=int, default=16, help="output tokens per request")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="model, patched sglang copies and server logs (default: a temp dir)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    args.schemes = [s for s in args.schemes.split(",") if s]
+    args.workloads = [WORKLOADS[w] for w in args.workloads.split(",") if w]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    unknown = set(args.schemes) - set(SCHEMES)
+    if unknown:
+        p.error(f"unknown schemes {sorted(unknown)}")
+    return args
+
+
+def bench_serving(server: RealServer, model_dir: Path, w: Workload, concurrency: int,
+                  args: argparse.Namespace, out: Path) -> dict:
+    """One ``python -m sglang.bench_serving`` run; returns its result line."""
+    prompts = max(concurrency, round(w.prompts * args.prompts_scale))
+    cmd = [
+        sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+        "--base-url", server.url, "--model", str(model_dir),
+        "--dataset-name", "image", "--image-resolution", w.bench_resolution,
+        "--image-count", "1", "--num-prompts", str(prompts),
+        "--max-concurrency", str(concurrency),
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--random-range-ratio", "1.0", "--seed", "1", "--warmup-requests", "0",
+        "--disable-tqdm", "--output-file", str(out),
+    ]
+    out.unlink(missing_ok=True)
+    done = subprocess.run(cmd, env=client_env(), capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"bench_serving failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                           f"\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text().splitlines()[-1])
+
+
+def warm_up(server: RealServer, workloads: list[Workload]) -> None:
+    """Requests of every workload's shape, so no measured run pays first-request costs."""
+    for w in workloads:
+        for seed in range(3):
+            generate(server.url, {
+                "text": "Warm-up " + "<|vision_start|><|image_pad|><|vision_end|>",
+                "image_data": image(1000 + seed, w.width, w.height),
+                "sampling_params": {"temperature": 0, "max_new_tokens": 4},
+                "return_logprob": True, "top_logprobs_num": 1,
+            })
+    post(server.url, "/flush_cache", {})
+
+
+def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[dict]) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    served = sum(r["completed"] for r in runs)
+    cpu = {p: round(1000 * sum(r["cpu_s"].get(p, 0.0) for r in runs) / served, 2)
+           for p in sorted({p for r in runs for p in r["cpu_s"]})}
+    return {
+        "scheme": scheme, "workload": w.name, "tp": tp, "concurrency": concurrency,
+        "throughput_rps": round(med("request_throughput"), 3),
+        "ttft_p50_ms": round(med("median_ttft_ms"), 1),
+        "ttft_p99_ms": round(med("p99_ttft_ms"), 1),
+        "e2e_p50_ms": round(med("median_e2e_latency_ms"), 1),
+        "e2e_p99_ms": round(med("p99_e2e_latency_ms"), 1),
+        "cpu_ms_per_req": cpu,
+        "requests": served,
+        "rounds": [{k: r[k] for k in ("request_throughput", "median_e2e_latency_ms", "cpu_s")}
+                   for r in runs],
+    }
+
+
+def markdown(report: dict) -> str:
+    cols = ["scheme", "workload", "C", "req/s", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"]
+    cols += [f"CPU ms/req {p}" for p in PROCESSES]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["results"]:
+        cells = [r["scheme"], r["workload"], str(r["concurrency"]), f"{r['throughput_rps']:.2f}",
+                 f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
+                 f"{r['e2e_p50_ms']:.0f}", f"{r['e2e_p99_ms']:.0f}"]
+        cells += [f"{r['cpu_ms_per_req'].get(p, float('nan')):.1f}" for p in PROCESSES]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = report["machine"]
+    head = (f"Real sglang {m['sglang']} server, TP={report['config']['tp']}, CPU "
+            f"({m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB); load average "
+            f"{m['load_average_1_5_15']} at start. Medians over {report['config']['rounds']} "
+            "interleaved rounds; CPU ms per request summed over the rounds.\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def plots(report: dict, stem: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    groups = list(dict.fromkeys((r["workload"], r["concurrency"]) for r in rows))
+    paths = []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(schemes)
+    for i, s in enumerate(schemes):
+        vals = [next((r["throughput_rps"] for r in rows if r["scheme"] == s
+                      and (r["workload"], r["concurrency"]) == g), 0) for g in groups]
+        ax.bar([x + i * width for x in range(len(groups))], vals, width, label=s)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+    ax.set_xticklabels([f"{w}\nC={c}" for w, c in groups])
+    ax.set_ylabel("requests / s")
+    ax.set_title("Real sglang server (TP=2, CPU): throughput by scheme")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_throughput.png", dpi=110)
+    plt.close(fig)
+    paths.append(f"{stem}_throughput.png")
+
+    w_big, c_big = groups[-1]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(schemes)
+    for p in PROCESSES:
+        vals = [next((r["cpu_ms_per_req"].get(p, 0) for r in rows if r["scheme"] == s
+                      and r["workload"] == w_big and r["concurrency"] == c_big), 0)
+                for s in schemes]
+        ax.bar(schemes, vals, bottom=bottom, label=p)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("CPU ms per request")
+    ax.set_title(f"CPU per request by process ({w_big}, C={c_big})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_cpu.png", dpi=110)
+    plt.close(fig)
+    paths.append(f"{stem}_cpu.png")
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="sglang_mmpre_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - t0:6.0f} s] {text}", flush=True)
+
+    machine = machine_info()
+    model_dir = make_served_qwen2vl(work / "served_qwen2vl")
+    servers: dict[str, RealServer] = {}
+    runs: dict[tuple, list[dict]] = {}
+    try:
+        for s in args.schemes:
+            log(f"starting {s} (TP={args.tp})")
+            servers[s] = RealServer(ServerConfig(s, tp=args.tp), model_dir, work / s).start()
+            warm_up(servers[s], args.workloads)
+        cells = [(w, c) for w in args.workloads for c in args.concurrency]
+        total, k = args.rounds * len(cells) * len(args.schemes), 0
+        for rnd in range(args.rounds):
+            order = args.schemes[rnd % len(args.schemes):] + args.schemes[:rnd % len(args.schemes)]
+            for w, c in cells:
+                for s in order:
+                    server = servers[s]
+                    before = server.cpu_seconds()
+                    result = bench_serving(server, model_dir, w, c, args, work / "bench.jsonl")
+                    after = server.cpu_seconds()
+                    result["cpu_s"] = {p: after[p] - before.get(p, 0.0) for p in after}
+                    runs.setdefault((s, w.name, c), []).append(result)
+                    k += 1
+                    log(f"[{k}/{total}] round {rnd + 1} {s:16s} {w.name:9s} C={c:<3d} "
+                        f"{result['request_throughput']:6.2f} req/s  "
+                        f"E2E p50 {result['median_e2e_latency_ms']:7.0f} ms")
+    finally:
+        for s, server in servers.items():
+            server.stop()
+    report = {
+        "machine": machine,
+        "config": {"tp": args.tp, "rounds": args.rounds, "schemes": args.schemes,
+                   "workloads": [asdict(w) for w in args.workloads],
+                   "concurrency": args.concurrency, "input_len": args.input_len,
+                   "output_len": args.output_len, "elapsed_s": round(time.monotonic() - t0)},
+        "results": [summarize(s, w, args.tp, c, runs[(s, w.name, c)])
+                    for w in args.workloads for c in args.concurrency for s in args.schemes],
+    }
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = args.out / f"server-{stamp}"
+    write_json(stem.with_suffix(".json"), report)
+    table = markdown(report)
+    stem.with_suffix(".md").write_text(table)
+    if not args.no_plots:
+        plots(report, stem)
+    print(table)
+    log(f"wrote {stem}.json, .md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

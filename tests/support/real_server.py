@@ -1,0 +1,375 @@
+"""Start and stop a real ``python -m sglang.launch_server`` (sglang 0.5.5) on this CPU machine.
+
+Used by the real-server tests and by the main benchmark (test-only support, never shipped).
+
+- **Schemes.** ``as_shipped`` runs the installed sglang 0.5.5 untouched. ``optimized``,
+  ``revert`` and ``batch_broadcast`` run a copy of it, patched by this project's installer
+  and placed first on the server's ``PYTHONPATH`` (:func:`sglang_site`): patched and
+  unpatched servers coexist in one venv, and the installed sglang is never modified.
+- **Process.** Each server runs in its own process group on a port the OS picked. It is
+  ready when it answers ``GET /get_model_info``; it is stopped by its pid (SIGTERM, then
+  SIGKILL to the group after a grace period), and its exit code is checked. On SIGTERM
+  sglang 0.5.5 drains its requests, logs "Gracefully exiting", and then kills its own
+  process tree, itself included (``kill_process_tree(os.getpid(), include_parent=True)``
+  in ``TokenizerManager.sigterm_watchdog``): so a clean stop is exit code ``-9`` *after*
+  that log line. With ``--tokenizer-worker-num > 1`` uvicorn's parent process exits ``0``
+  after its workers drained. Anything else is a failure.
+- **Import stand-ins.** ``server_boot/sitecustomize.py`` (on the server's ``PYTHONPATH``)
+  loads ``gpu_module_standin`` in every process sglang spawns.
+- **Leftovers.** sglang and multiprocessing leave a ``psm_*`` file and a few ``sem.mp-*``
+  files in ``/dev/shm`` after a TP>1 server stops (the ``psm_*`` file is unlinked only in a
+  ``__del__``; the server kills its own tree before multiprocessing cleans up). Once every
+  process of the server is gone, :meth:`RealServer.stop` removes the files with those
+  names that appeared in ``/dev/shm`` while it ran and that no live process maps; never one
+  of ours: our segments live in the server's own ``SGLANG_MM_SHM_DIR`` and must be gone by
+  themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import requests
+
+__all__ = [
+    "SCHEMES",
+    "ServerConfig",
+    "RealServer",
+    "ServerFailed",
+    "sglang_site",
+    "segment_files",
+    "client_env",
+]
+
+SUPPORT_DIR = Path(__file__).resolve().parent
+REPO_ROOT = SUPPORT_DIR.parent.parent
+BOOT_DIR = SUPPORT_DIR / "server_boot"
+
+SCHEMES = ("as_shipped", "revert", "batch_broadcast", "optimized")
+
+#: Flags every CPU server gets (see the README, "Reproducing the real-server run on CPU").
+CPU_FLAGS = (
+    "--device", "cpu",
+    "--attention-backend", "torch_native",
+    "--disable-cuda-graph",
+    "--disable-fast-image-processor",
+    "--skip-server-warmup",
+    "--grammar-backend", "none",
+    "--sleep-on-idle",
+    "--max-total-tokens", "16384",
+    "--host", "127.0.0.1",
+)
+
+#: Environment every CPU server gets, and why (and ``SGLANG_CPU_OMP_THREADS_BIND``: see
+#: :func:`omp_threads_bind`).
+CPU_ENV = {
+    # The CUDA torch wheel ships libnccl, which loads without a GPU; pynccl then fails
+    # with "Expected a cuda device". Naming a missing file keeps pynccl off.
+    "SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so",
+    # Without it the first request compiles for about 30 s.
+    "TORCH_COMPILE_DISABLE": "1",
+    "SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+READY_TIMEOUT_S = 240.0
+_DRAINED = "Gracefully exiting... Remaining number of requests 0."
+STOP_GRACE_S = 60.0
+
+
+class ServerFailed(RuntimeError):
+    """The server did not start, died, or did not stop cleanly; the message has its log."""
+
+
+def sglang_site(scheme: str, root: Path) -> Optional[Path]:
+    """A directory holding sglang patched with ``scheme`` (None for ``as_shipped``).
+
+    Copies the installed sglang 0.5.5 once per scheme under ``root`` and applies the scheme
+    with this project's installer; reused if already there.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; one of {SCHEMES}")
+    if scheme == "as_shipped":
+        return None
+    site = Path(root) / f"site-{scheme}"
+    done = site / ".applied"
+    if done.is_file():
+        return site
+    import importlib.util
+
+    from sglang_mmpre.patching import installer
+
+    spec = importlib.util.find_spec("sglang")
+    installed = Path(list(spec.submodule_search_locations)[0])
+    # The running process may itself use a patched copy: find the installed one.
+    for entry in sys.path:
+        candidate = Path(entry) / "sglang" / "version.py"
+        if "site-packages" in entry and candidate.is_file():
+            installed = candidate.parent
+            break
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(installed, site / "sglang", ignore=shutil.ignore_patterns("__pycache__"))
+    installer.apply(site / "sglang", scheme)
+    done.write_text(scheme)
+    return site
+
+
+def segment_files(shm_dir: Path) -> list[str]:
+    """Names of this project's segment files in ``shm_dir``."""
+    try:
+        return sorted(n for n in os.listdir(shm_dir) if n.startswith("sglmmpre_"))
+    except FileNotFoundError:
+        return []
+
+
+_SGLANG_SHM_PREFIXES = ("psm_", "sem.mp-")
+
+
+def _sglang_shm_files() -> list[str]:
+    """``/dev/shm`` files with the names sglang's and multiprocessing's leftovers have."""
+    try:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(_SGLANG_SHM_PREFIXES)]
+    except FileNotFoundError:
+        return []
+
+
+def _mapped_shm_files() -> set[str]:
+    """Names of ``/dev/shm`` files that some live process maps."""
+    names = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                for line in f:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith("/dev/shm/"):
+                        names.add(path[len("/dev/shm/"):].removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return names
+
+
+def omp_threads_bind(tp: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp`` ranks: the usable cores in ``tp`` groups.
+
+    Without it sglang asserts that tp <= the number of NUMA nodes (one here); with it, the
+    number of ``|``-separated groups must equal tp (``"0|1"`` for TP=2 on 2 cores).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if tp >= len(cores):
+        groups = [[cores[i % len(cores)]] for i in range(tp)]
+    else:
+        groups = [cores[i * len(cores) // tp:(i + 1) * len(cores) // tp] for i in range(tp)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+def client_env() -> dict[str, str]:
+    """Environment for a client such as ``python -m sglang.bench_serving``: the installed
+    sglang (clients need no patch) with the stand-in loaded, as in the servers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(BOOT_DIR), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What to start: a scheme, a TP size, extra flags and environment."""
+
+    scheme: str = "optimized"
+    tp: int = 2
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class RealServer:
+    """One real sglang server; see the module docstring. Not reusable after :meth:`stop`."""
+
+    config: ServerConfig
+    model_dir: Path
+    workdir: Path
+    #: Our segments' directory (``SGLANG_MM_SHM_DIR``); a private one by default.
+    shm_dir: Optional[Path] = None
+    port: int = 0
+    proc: Optional[subprocess.Popen] = None
+    log_path: Optional[Path] = None
+    _shm_before: frozenset[str] = frozenset()
+    _own_shm_dir: bool = False
+
+    # -- start -----------------------------------------------------------------------
+    def start(self) -> "RealServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.shm_dir is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            import tempfile
+
+            self.shm_dir = Path(tempfile.mkdtemp(prefix="sglang_mmpre_server_", dir=base))
+            self._own_shm_dir = True
+        site = sglang_site(self.config.scheme, self.workdir.parent)
+        path = [str(BOOT_DIR)] + ([str(site)] if site else []) + [str(REPO_ROOT)]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(CPU_ENV, SGLANG_CPU_OMP_THREADS_BIND=omp_threads_bind(self.config.tp))
+        env.update(PYTHONPATH=os.pathsep.join(path), SGLANG_MM_SHM_DIR=str(self.shm_dir))
+        env.update(dict(self.config.env))
+        self.port = _free_port()
+        self._shm_before = frozenset(_sglang_shm_files())
+        args = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", str(self.model_dir),
+            "--port", str(self.port),
+            *CPU_FLAGS,
+        ]
+        if self.config.tp > 1:
+            args += ["--tp", str(self.config.tp), "--disable-custom-all-reduce"]
+        args += list(self.config.extra_args)
+        self.log_path = self.workdir / f"server-{self.config.scheme}-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args, env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self._wait_ready()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except (OSError, AttributeError):
+            return ""
+        return "\n".join(lines[-n:])
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                self.kill()  # its children may outlive it
+                raise ServerFailed(f"server exited with {rc} during start-up:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/get_model_info", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise ServerFailed(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    # -- processes -------------------------------------------------------------------
+    def processes(self) -> dict[int, str]:
+        """``pid -> role`` for every live process of the server's group.
+
+        Roles: ``tokenizer`` (the launcher, which runs the TokenizerManager),
+        ``tokenizer_worker_N``, ``scheduler_TP<r>``, ``detokenizer``; sglang names its
+        children with ``setproctitle``.
+        """
+        if self.proc is None:
+            return {}
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if int(fields[2]) != self.proc.pid or fields[0] == b"Z":  # pgrp, state
+                continue
+            pid = int(entry)
+            if pid == self.proc.pid:
+                out[pid] = "tokenizer"
+            elif cmdline.startswith("sglang::"):
+                out[pid] = cmdline[len("sglang::") :].split()[0]
+        return out
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """``role -> utime + stime`` in seconds, from ``/proc/<pid>/stat``."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid, role in self.processes().items():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            out[role] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    # -- stop ------------------------------------------------------------------------
+    def stop(self) -> int:
+        """SIGTERM the launcher, wait, check its exit code, remove sglang's own leftovers.
+
+        Raises :class:`ServerFailed` if it does not exit by itself within the grace period,
+        or exits other than sglang 0.5.5's clean stop (see the module docstring).
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return self._finish(expect_clean=True)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ServerFailed(f"server ignored SIGTERM for {STOP_GRACE_S:.0f} s:\n{self.log_tail()}")
+        return self._finish(expect_clean=True)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash), and reap the launcher."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._finish(expect_clean=False)
+
+    def _finish(self, expect_clean: bool) -> int:
+        rc = self.proc.returncode
+        self._reap_group()
+        mapped = _mapped_shm_files()
+        for name in sorted(set(_sglang_shm_files()) - self._shm_before - mapped):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except FileNotFoundError:
+                pass
+        if self._own_shm_dir and not os.listdir(self.shm_dir):
+            os.rmdir(self.shm_dir)  # a non-empty one stays for the test to report
+        if expect_clean and not (rc in (0, -signal.SIGKILL) and _DRAINED in self.log_tail(400)):
+            raise ServerFailed(f"server exited with {rc}, not after a drain:\n{self.log_tail()}")
+        return rc
+
+    def _reap_group(self) -> None:
+        """Wait until no process of the group is left (children exit after the launcher)."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.processes():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise ServerFailed(f"server processes outlived the launcher:\n{self.log_tail()}")

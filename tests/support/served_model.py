@@ -1,0 +1,110 @@
+"""A tiny Qwen2-VL with random weights that a real sglang 0.5.5 server can load and run on CPU.
+
+``tiny_models.make_tiny_qwen2vl`` writes a weightless model for the tokenizer side only;
+this one is a whole checkpoint (about 14 MB), built in code because the hub is out of reach:
+
+- the text model: hidden 64, 2 layers, 4 heads and 2 KV heads, mrope sections [2, 3, 3];
+- the vision tower: depth 1, embed dim 32, ``in_chans`` set (sglang's ``qwen2_vl.py`` reads
+  it); random bf16 weights (seeded, so every build is the same), ``safetensors``;
+- a byte-level BPE vocabulary with *every* byte pair merged (256 + 65,536 tokens, then
+  Qwen's special tokens). ``bench_serving`` draws random prompt tokens from the whole
+  vocabulary; with a vocabulary of a few hundred tokens those prompts contain special
+  tokens, and the server then reports an error inside a 200 stream.
+
+A random model writes the same tokens for any image, so tests compare logprobs, which do
+depend on the image (two 448x448 images differ by about 0.01).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny_models import _CHAT_TEMPLATE, _CONFIG, _SPECIAL_TOKENS, _VISION_CONFIG
+
+__all__ = ["make_served_qwen2vl", "BUILD_VERSION"]
+
+#: Bumped whenever the checkpoint changes; a directory with another stamp is rebuilt.
+BUILD_VERSION = "served-qwen2vl-1"
+_SEED = 1234
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    chars = [bytes_to_unicode()[b] for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = []
+    for a in chars:
+        for b in chars:
+            vocab[a + b] = len(vocab)
+            merges.append(f"{a} {b}")
+    return vocab, merges
+
+
+def make_served_qwen2vl(dest: Path) -> Path:
+    """Write the checkpoint, tokenizer and processor at ``dest`` (idempotent) and return it.
+
+    A file ``BUILD`` holding :data:`BUILD_VERSION` is written last and marks a complete
+    directory; a complete directory is returned as it is. Takes about 10 s on 2 cores.
+    """
+    dest = Path(dest)
+    stamp = dest / "BUILD"
+    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import (
+        Qwen2TokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    vocab, merges = _vocab_and_merges()
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = Qwen2TokenizerFast(
+        vocab_file=str(dest / "vocab.json"),
+        merges_file=str(dest / "merges.txt"),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL_TOKENS[1:])})
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
+
+    config = dict(_CONFIG)
+    config.update(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_window_layers=2,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|image_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_config=dict(_VISION_CONFIG, in_chans=_VISION_CONFIG["in_channels"]),
+    )
+    torch.manual_seed(_SEED)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    # save_pretrained writes transformers' nested config; sglang reads the flat one.
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(dest))
+    stamp.write_text(BUILD_VERSION)
+    return dest

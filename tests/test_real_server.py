@@ -1,0 +1,208 @@
+"""The real sglang 0.5.5 server, as shipped and patched, at TP=2 on CPU.
+
+One as-shipped server answers every case first (its outputs, its error for a corrupt image,
+its collectives), then stops. Then each patched variant starts in turn and must match it:
+
+- ``optimized``: this project's patch;
+- ``switch_off``: the same patch with ``SGLANG_MM_PREMATERIALIZE=0``;
+- ``tokenizer_workers``: the patch with ``--tokenizer-worker-num 2``.
+
+A random tiny model writes the same tokens for any image, so the comparison is on token ids
+*and* logprobs: bitwise for sequential requests (``test_logprobs_depend_on_the_image`` shows
+that they do carry the image). Only one server runs at a time (3 to 4 GB each).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from real_server import RealServer, ServerConfig, segment_files
+from server_cases import (
+    FORGE_PREFIX,
+    SEQUENTIAL_CASES,
+    case_one_image,
+    collective_deltas,
+    concurrent_same_image,
+    corrupt_image_answer,
+    gen_body,
+    generate,
+    image,
+    in_request_handling,
+    post,
+)
+from tiny_models import IMAGE_PLACEHOLDER
+
+pytestmark = [pytest.mark.real_server, pytest.mark.timeout(1200)]
+
+
+# -- servers ------------------------------------------------------------------------------
+def _stop_and_check(server: RealServer) -> None:
+    server.stop()
+    left = segment_files(server.shm_dir)
+    assert left == [], f"segments left after the server stopped: {left}"
+    assert not server.shm_dir.exists(), "the server's shm directory was not emptied"
+
+
+@pytest.fixture(scope="module")
+def reference(served_model, tmp_path_factory) -> dict:
+    """Everything the as-shipped server answers, gathered once; the server is then stopped."""
+    work = tmp_path_factory.mktemp("as_shipped")
+    log_dir = str(work / "collectives")
+    server = RealServer(
+        ServerConfig("as_shipped", env=(("SGLANG_MMPRE_TEST_COLLECTIVE_LOG", log_dir),)),
+        served_model, work / "server",
+    ).start()
+    try:
+        ref = {name: fn(server.url) for name, fn in SEQUENTIAL_CASES.items()}
+        ref["concurrent_same_image"] = concurrent_same_image(server.url)
+        ref["corrupt_image"] = corrupt_image_answer(server.url)
+        ref["after_corrupt"] = case_one_image(server.url)
+        ref["collectives"] = collective_deltas(server, log_dir)
+    finally:
+        server.stop()
+    return ref
+
+
+VARIANTS = {
+    "optimized": ServerConfig("optimized"),
+    "switch_off": ServerConfig("optimized", env=(("SGLANG_MM_PREMATERIALIZE", "0"),)),
+    "tokenizer_workers": ServerConfig("optimized", extra_args=("--tokenizer-worker-num", "2")),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def patched(request, served_model, tmp_path_factory, reference):
+    """A patched server of each variant in turn, with its collective log directory."""
+    work = tmp_path_factory.mktemp(request.param)
+    log_dir = str(work / "collectives")
+    base = VARIANTS[request.param]
+    config = ServerConfig(
+        base.scheme, base.tp, base.extra_args,
+        base.env + (("SGLANG_MMPRE_TEST_COLLECTIVE_LOG", log_dir),
+                    ("SGLANG_MMPRE_TEST_FORGE_PREFIX", FORGE_PREFIX)),
+    )
+    server = RealServer(config, served_model, work / "server").start()
+    server.variant = request.param
+    server.collective_log = log_dir
+    try:
+        yield server
+    finally:
+        _stop_and_check(server)
+
+
+def _wait_no_segments(server: RealServer, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while segment_files(server.shm_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return segment_files(server.shm_dir)
+
+
+# -- tests --------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(SEQUENTIAL_CASES))
+def test_patched_outputs_equal_as_shipped_bitwise(case, patched, reference):
+    assert SEQUENTIAL_CASES[case](patched.url) == reference[case]
+
+
+def test_same_image_in_two_concurrent_requests_matches_as_shipped(patched, reference):
+    got = concurrent_same_image(patched.url)
+    want = reference["concurrent_same_image"]
+    # Timing decides how the two are batched, so logprobs get a small tolerance here.
+    for g, w in zip(got, want):
+        assert g["ids"] == w["ids"] and g["prompt_tokens"] == w["prompt_tokens"]
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-3)
+
+
+def test_logprobs_depend_on_theimage(patched):
+    """Guards the equality tests: another image gives other logprobs (same tokens)."""
+    a = generate(patched.url, gen_body(1, seed=1))
+    b = generate(patched.url, gen_body(1, seed=99))
+    assert a["ids"] == b["ids"]
+    assert a["logprobs"] != b["logprobs"]
+
+
+def test_corrupt_image_gives_the_as_shipped_error_and_next_request_is_served(patched, reference):
+    status, text = corrupt_image_answer(patched.url)
+    assert (status, text) == reference["corrupt_image"]
+    assert status >= 400
+    assert case_one_image(patched.url) == reference["after_corrupt"]
+
+
+def test_forged_descriptor_gets_a_per_request_400_and_next_request_is_served(patched, reference):
+    if patched.variant == "switch_off":
+        pytest.skip("the switch is off: requests carry the raw dict, there is no descriptor")
+    r = post(patched.url, "/generate", gen_body(1, seed=30, rid=FORGE_PREFIX + "1"))
+    assert r.status_code == 400, r.text
+    assert "Invalid multimodal inputs" in r.text and "do not match its header" in r.text
+    assert case_one_image(patched.url) == reference["one_1120x700_image"]
+    assert _wait_no_segments(patched) == []
+
+
+def test_image_requests_make_no_collectivein_request_handling(patched, reference):
+    as_shipped = reference["collectives"]
+    # The as-shipped server broadcasts each image request's inputs (the test can fail).
+    assert all(in_request_handling(d["image"]) >= 3 for d in as_shipped.values()), as_shipped
+    deltas = collective_deltas(patched, patched.collective_log)
+    assert set(deltas) == {"scheduler_TP0", "scheduler_TP1"}
+    for role, d in deltas.items():
+        assert in_request_handling(d["image"]) == 0, (role, d)
+        assert in_request_handling(d["image"]) == in_request_handling(d["text"])
+
+
+def test_client_disconnect_mid_stream_and_abort_request_leave_no_segment(patched):
+    body = gen_body(1, seed=40, stream=True)
+    body["sampling_params"]["max_new_tokens"] = 400
+    body["sampling_params"]["ignore_eos"] = True
+    with requests.post(patched.url + "/generate", json=body, stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk arrived; now hang up
+
+    rid = "abort-me-1"
+    answer: dict = {}
+
+    def long_request() -> None:
+        b = gen_body(1, seed=41, rid=rid)
+        b["sampling_params"].update(max_new_tokens=2000, ignore_eos=True)
+        answer["r"] = post(patched.url, "/generate", b)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(2.0)
+    assert post(patched.url, "/abort_request", {"rid": rid}).status_code == 200
+    t.join(120)
+    assert not t.is_alive()
+    finish = answer["r"].json()["meta_info"]["finish_reason"]
+    assert finish["type"] == "abort", finish
+    assert _wait_no_segments(patched) == []
+    assert case_one_image(patched.url) is not None
+
+
+def test_one_hundred_image_requests_keep_live_segments_bounded(patched):
+    if patched.variant != "optimized":
+        pytest.skip("the load test runs once, on the optimized variant")
+    concurrency, live, stop = 8, [], threading.Event()
+    images = [image(100 + i, 448, 448) for i in range(10)]
+    bodies = [dict(gen_body(0, seed=0), text=f"Request {i}: " + IMAGE_PLACEHOLDER,
+                   image_data=images[i % 10]) for i in range(100)]
+
+    def sample() -> None:
+        while not stop.is_set():
+            live.append(len(segment_files(patched.shm_dir)))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(lambda body: generate(patched.url, body), bodies))
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(results) == 100
+    assert max(live) >= 1, "no segment was ever seen: the requests did not use shared memory"
+    assert max(live) <= concurrency, f"live segments peaked at {max(live)}"
+    assert _wait_no_segments(patched) == []
