@@ -8,6 +8,10 @@ random Qwen2-VL, the CPU flags, patched copies of sglang first on the path):
 - ``batch_broadcast``: ``patches/improved_batch_broadcast.patch``;
 - ``optimized``: ``patches/optimized_implementation.patch`` (this project).
 
+Not run by default: ``optimized_segments``, the same patch with the warm region off
+(``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``: one fresh segment per request), to compare the two
+transports side by side (``--schemes optimized,optimized_segments``).
+
 All servers stay up together (idle ones sleep: ``--sleep-on-idle``); each is warmed up with
 requests of every workload's shape, then the rounds run. Every round drives every scheme
 once per workload and concurrency, in an order rotated each round, so that the machine's
@@ -40,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +61,11 @@ __all__ = ["main", "Workload"]
 
 DEFAULT_OUT = _standin.REPO_ROOT / "benchmarks" / "results"
 PROCESSES = ("tokenizer", "scheduler_TP0", "scheduler_TP1", "detokenizer")
+VARIANTS = {s: ServerConfig(s) for s in SCHEMES} | {
+    "optimized_segments": ServerConfig(
+        "optimized", env=(("SGLANG_MM_SHM_REGION_CHUNK_BYTES", "0"),)
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ WORKLOADS = {"448x448": Workload(448, 448, 48), "1120x700": Workload(1120, 700, 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schemes", default=",".join(SCHEMES),
-                   help="comma-separated, from: " + ", ".join(SCHEMES))
+                   help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="comma-separated, from: " + ", ".join(WORKLOADS))
     p.add_argument("--concurrency", default="4,16", help="comma-separated max concurrencies")
@@ -100,7 +109,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.schemes = [s for s in args.schemes.split(",") if s]
     args.workloads = [WORKLOADS[w] for w in args.workloads.split(",") if w]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
-    unknown = set(args.schemes) - set(SCHEMES)
+    unknown = set(args.schemes) - set(VARIANTS)
     if unknown:
         p.error(f"unknown schemes {sorted(unknown)}")
     return args
@@ -240,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for s in args.schemes:
             log(f"starting {s} (TP={args.tp})")
-            servers[s] = RealServer(ServerConfig(s, tp=args.tp), model_dir, work / s).start()
+            config = replace(VARIANTS[s], tp=args.tp)
+            servers[s] = RealServer(config, model_dir, work / s).start()
             warm_up(servers[s], args.workloads)
         cells = [(w, c) for w in args.workloads for c in args.concurrency]
         total, k = args.rounds * len(cells) * len(args.schemes), 0

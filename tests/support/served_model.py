@@ -20,7 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny_models import _CHAT_TEMPLATE, _CONFIG, _SPECIAL_TOKENS, _VISION_CONFIG
+from tiny_models import (
+    _CONFIG,
+    _SPECIAL_TOKENS,
+    _VISION_CONFIG,
+    save_qwen2vl_tokenizer_and_processor,
+)
 
 __all__ = ["make_served_qwen2vl", "BUILD_VERSION"]
 
@@ -55,27 +60,9 @@ def make_served_qwen2vl(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from transformers import (
-        Qwen2TokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    vocab, merges = _vocab_and_merges()
-    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = Qwen2TokenizerFast(
-        vocab_file=str(dest / "vocab.json"),
-        merges_file=str(dest / "merges.txt"),
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL_TOKENS[1:])})
+    tokenizer = save_qwen2vl_tokenizer_and_processor(dest, *_vocab_and_merges())
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
 
     config = dict(_CONFIG)
@@ -98,13 +85,5 @@ def make_served_qwen2vl(dest: Path) -> Path:
     model.save_pretrained(str(dest), safe_serialization=True)
     # save_pretrained writes transformers' nested config; sglang reads the flat one.
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(str(dest))
     stamp.write_text(BUILD_VERSION)
     return dest

@@ -214,21 +214,35 @@ def make_tiny_qwen2vl(dest: Path) -> Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
 
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    byte_to_char = bytes_to_unicode()
+    tokenizer = save_qwen2vl_tokenizer_and_processor(
+        dest, {byte_to_char[b]: b for b in range(256)}, []
+    )
+    got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
+    if got != SPECIAL_TOKEN_IDS:  # pragma: no cover - guards a transformers change
+        raise RuntimeError(f"tiny tokenizer special ids {got} != {SPECIAL_TOKEN_IDS}")
+    config_path.write_text(config_text)
+    return dest
+
+
+def save_qwen2vl_tokenizer_and_processor(
+    dest: Path, vocab: dict[str, int], merges: list[str]
+) -> Any:
+    """Write a byte-level BPE tokenizer (``vocab``, ``merges``, then Qwen's special tokens)
+    and a default ``Qwen2VLProcessor`` with the chat template at ``dest``; return the
+    tokenizer. Both slow (``vocab.json``/``merges.txt``) and fast forms are written."""
     from transformers import (
         Qwen2TokenizerFast,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-    byte_to_char = bytes_to_unicode()
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    vocab_path = dest / "vocab.json"
-    merges_path = dest / "merges.txt"
+    vocab_path, merges_path = dest / "vocab.json", dest / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False))
-    merges_path.write_text("#version: 0.2\n")
-
+    merges_path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
     tokenizer = Qwen2TokenizerFast(
         vocab_file=str(vocab_path),
         merges_file=str(merges_path),
@@ -238,10 +252,6 @@ def make_tiny_qwen2vl(dest: Path) -> Path:
         pad_token="<|endoftext|>",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL_TOKENS[1:])})
-    got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
-    if got != SPECIAL_TOKEN_IDS:  # pragma: no cover - guards a transformers change
-        raise RuntimeError(f"tiny tokenizer special ids {got} != {SPECIAL_TOKEN_IDS}")
-
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(),
         tokenizer=tokenizer,
@@ -249,8 +259,7 @@ def make_tiny_qwen2vl(dest: Path) -> Path:
         chat_template=_CHAT_TEMPLATE,
     )
     processor.save_pretrained(str(dest))
-    config_path.write_text(config_text)
-    return dest
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------
