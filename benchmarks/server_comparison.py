@@ -12,10 +12,10 @@ Not run by default: ``optimized_segments``, the same patch with the warm region 
 (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``: one fresh segment per request), to compare the two
 transports side by side (``--schemes optimized,optimized_segments``).
 
-All servers stay up together (idle ones sleep: ``--sleep-on-idle``); each is warmed up with
-requests of every workload's shape, then the rounds run. Every round drives every scheme
-once per workload and concurrency, in an order rotated each round, so that the machine's
-drift hits every scheme alike. A run is one ``python -m sglang.bench_serving --backend
+One server runs at a time (each holds about 3 GB). Every round starts each scheme's
+server in turn, in an order rotated each round, warms it up with requests of every
+workload's shape, drives it once per workload and concurrency, and stops it: so the
+machine's drift hits every scheme alike, and a start-up's cost is never measured. A run is one ``python -m sglang.bench_serving --backend
 sglang --dataset-name image`` with a fixed seed (the same prompts and images for every
 scheme). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
 process is read.
@@ -244,32 +244,30 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     machine = machine_info()
     model_dir = make_served_qwen2vl(work / "served_qwen2vl")
-    servers: dict[str, RealServer] = {}
     runs: dict[tuple, list[dict]] = {}
-    try:
-        for s in args.schemes:
-            log(f"starting {s} (TP={args.tp})")
-            config = replace(VARIANTS[s], tp=args.tp)
-            servers[s] = RealServer(config, model_dir, work / s).start()
-            warm_up(servers[s], args.workloads)
-        cells = [(w, c) for w in args.workloads for c in args.concurrency]
-        total, k = args.rounds * len(cells) * len(args.schemes), 0
-        for rnd in range(args.rounds):
-            order = args.schemes[rnd % len(args.schemes):] + args.schemes[:rnd % len(args.schemes)]
-            for w, c in cells:
-                for s in order:
-                    server = servers[s]
+    cells = [(w, c) for w in args.workloads for c in args.concurrency]
+    total, k = args.rounds * len(cells) * len(args.schemes), 0
+    for rnd in range(args.rounds):
+        order = args.schemes[rnd % len(args.schemes):] + args.schemes[:rnd % len(args.schemes)]
+        for s in order:
+            log(f"round {rnd + 1}: starting {s} (TP={args.tp})")
+            server = RealServer(replace(VARIANTS[s], tp=args.tp), model_dir, work / f"{s}-{rnd}")
+            server.start()
+            try:
+                warm_up(server, args.workloads)
+                for w, c in cells:
                     before = server.cpu_seconds()
                     result = bench_serving(server, model_dir, w, c, args, work / "bench.jsonl")
                     after = server.cpu_seconds()
                     result["cpu_s"] = {p: after[p] - before.get(p, 0.0) for p in after}
                     runs.setdefault((s, w.name, c), []).append(result)
                     k += 1
-                    log(f"[{k}/{total}] round {rnd + 1} {s:16s} {w.name:9s} C={c:<3d} "
+                    log(f"[{k}/{total}] round {rnd + 1} {s:18s} {w.name:9s} C={c:<3d} "
                         f"{result['request_throughput']:6.2f} req/s  "
                         f"E2E p50 {result['median_e2e_latency_ms']:7.0f} ms")
-    finally:
-        for s, server in servers.items():
+            except BaseException:
+                server.kill()
+                raise
             server.stop()
     report = {
         "machine": machine,

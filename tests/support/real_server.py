@@ -77,6 +77,9 @@ CPU_ENV = {
     "SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so",
     # Without it the first request compiles for about 30 s.
     "TORCH_COMPILE_DISABLE": "1",
+    # Else every server process starts a pool of inductor compile workers (about 330 MB
+    # each, several per process) that nothing uses once compilation is off.
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",
     "SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK": "1",
     "PYTHONUNBUFFERED": "1",
 }
