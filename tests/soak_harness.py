@@ -40,7 +40,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["run_harness", "free_port", "process_metrics"]
+__all__ = ["run_harness", "free_port", "process_metrics", "external_rm"]
 
 
 def free_port() -> int:
@@ -64,6 +64,15 @@ def process_metrics(shm_dir: str) -> dict[str, int]:
             if shm_dir in line:
                 mapped += 1
     return {"pid": os.getpid(), "fds": fds, "rss": rss, "mapped_segments": mapped}
+
+
+def external_rm(shm_dir: str) -> None:
+    """What ``rm <shm dir>/*`` does (systemd's RemoveIPC, a cleanup job): every file goes."""
+    for name in os.listdir(shm_dir):
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+        except FileNotFoundError:
+            pass
 
 
 def _shm_usage(shm_dir: str) -> dict[str, int]:

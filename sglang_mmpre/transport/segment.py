@@ -12,6 +12,9 @@ Owner / writer / readers / who unlinks
   one *consumer reference*.
 - **Who unlinks**: whoever drops the last reference, under the segment's ``flock``. That
   is exactly once, and only after every consumer has mapped it. No collective is involved.
+  If something else deleted the file first (``rm /dev/shm/*``, systemd's ``RemoveIPC``),
+  that unlink finds nothing and the reference still counts as dropped; mappings and open
+  fds keep the pages until they go.
 
 Lifetime protocol (``refcount`` in the header, changed only under ``flock(LOCK_EX)``)::
 
@@ -102,7 +105,10 @@ def _adjust_refcount(fd: int, path: str, delta: int) -> int:
         count += delta
         os.pwrite(fd, _REFCOUNT.pack(count), _REFCOUNT_OFFSET)
         if count == 0:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # deleted from outside already: nothing left to do
         return count
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
