@@ -62,7 +62,8 @@ def ctx():
 def _own_segments() -> list[str]:
     pid = os.getpid()
     prefixes = (f"sglmmpre_{pid}_", f"{UPSTREAM_PREFIX}{pid}_")
-    return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+    # Not this process's creator lock file: it is held (and needed) until the process exits.
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes) and not n.endswith(".lock")]
 
 
 @pytest.fixture(autouse=True)

@@ -66,3 +66,20 @@ def shm_dir():
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def children():
+    """``children(code, *args, wrapper=())`` starts a ``child_process.Child``; all are reaped
+    (killed if still running) at the end of the test."""
+    from child_process import Child
+
+    made: list = []
+
+    def spawn(code: str, *args: str, wrapper=()) -> Child:
+        made.append(Child(code, *args, wrapper=wrapper))
+        return made[-1]
+
+    yield spawn
+    for child in made:
+        child.close()

@@ -3,22 +3,25 @@
 
 What deletes them in production: ``rm /dev/shm/*``, systemd-logind with ``RemoveIPC=yes``,
 a cleanup job. Here: ``soak_harness.external_rm``, which removes every file of the shm
-directory, as ``rm <dir>/*`` does.
+directory (the creator's lock file too), as ``rm <dir>/*`` does.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import types
 
 import pytest
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 from sglang_mmpre.transport import segment as segment_module
+from sglang_mmpre.transport.liveness import LOCK_NAME_RE
 from sglang_mmpre.transport.segment import segment_names
 
-from mm_fixtures import shm_settings
+from mm_fixtures import files_left, shm_settings
 from mm_requests import materialized_request, run_ranks, send_captured
 from scheduler_harness import SchedulerUnderTest
 from soak_harness import external_rm
@@ -88,3 +91,24 @@ def test_segment_vanishing_between_a_ranks_open_and_its_decrement_is_still_serve
     (rank1,) = run_ranks(blob, 2, [SchedulerUnderTest(tp_size=2, tp_rank=1)])
     assert rank1.to_finish is None and rank1.multimodal_inputs is not None
     assert os.listdir(shm_dir) == [] and side.held_bytes == 0
+
+
+def test_creator_makes_its_lock_file_again_after_an_external_rm_and_stays_alive_to_sweeps(
+    side, shm_dir
+):
+    first = materialized_request(side, "a").materialized_mm_inputs.writer
+    (lock,) = [n for n in os.listdir(shm_dir) if LOCK_NAME_RE.match(n)]
+    external_rm(str(shm_dir))
+    second = materialized_request(side, "b").materialized_mm_inputs.writer
+    assert sorted(os.listdir(shm_dir)) == sorted([lock, second.name])  # same stem, made again
+    other = subprocess.run(  # another server starting on the same directory
+        [sys.executable, "-c", "import sys; from sglang_mmpre.transport.liveness import sweep;"
+         "print(sweep(sys.argv[1]))", str(shm_dir)],
+        capture_output=True, text=True,
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == "[]"
+    side.release(first)
+    side.release(second)
+    assert side.held_bytes == 0
+    assert files_left(shm_dir) == []

@@ -21,13 +21,13 @@ import torch
 from sglang_mmpre.errors import MultimodalTransportError
 from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
 from sglang_mmpre.transport.descriptors import (
-    SEGMENT_NAME_RE,
     SegmentDescriptor,
     TensorDescriptor,
     numpy_dtype,
     table_digest,
     torch_dtype,
 )
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 from sglang_mmpre.transport.segment import HEADER_SIZE, map_segment
 
 __all__ = ["resolve"]
@@ -36,7 +36,7 @@ __all__ = ["resolve"]
 def _check_segment(seg: Any) -> None:
     if not isinstance(seg, SegmentDescriptor):
         raise MultimodalTransportError(f"malformed segment descriptor {type(seg).__name__}")
-    if not isinstance(seg.name, str) or not SEGMENT_NAME_RE.match(seg.name):
+    if not isinstance(seg.name, str) or not OWNED_NAME_RE.match(seg.name):
         raise MultimodalTransportError(f"refused segment name {seg.name!r}: not ours")
     if not isinstance(seg.nonce, bytes) or len(seg.nonce) != 16:
         raise MultimodalTransportError("malformed segment nonce")

@@ -31,7 +31,8 @@ from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm
 from sglang_mmpre.errors import SegmentAllocationError
 from sglang_mmpre.tokenizer_side.materialize import materialize, pack, plan
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
-from sglang_mmpre.transport.segment import SegmentWriter, sweep
+from sglang_mmpre.transport.liveness import sweep
+from sglang_mmpre.transport.segment import SegmentWriter
 
 __all__ = ["TokenizerSide", "RequestScope"]
 

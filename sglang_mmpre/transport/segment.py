@@ -39,16 +39,15 @@ Byte layout (little endian; the payload starts at byte 64, each tensor 64-byte a
 ``digest`` is :func:`descriptors.table_digest` of the descriptor table; a rank compares it
 with the one it computes from the descriptors it received.
 
-Names are ``sglmmpre_<creator pid>_<96 random bits in hex>``. :func:`sweep` unlinks the
-segments whose creator process is dead, and nothing else.
+Names are ``<creator stem>_<96 random bits in hex>``, the stem being
+``sglmmpre_<creator pid>_<64 random bits in hex>`` (``liveness.new_name``):
+``liveness.sweep`` unlinks them once their creator is dead, and nothing else.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hmac
-import logging
 import mmap
 import os
 import secrets
@@ -57,7 +56,8 @@ import struct
 from typing import Optional
 
 from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
-from sglang_mmpre.transport.descriptors import SEGMENT_NAME_RE, SEGMENT_PREFIX, SegmentDescriptor
+from sglang_mmpre.transport.descriptors import SegmentDescriptor
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE, new_name
 
 __all__ = [
     "HEADER",
@@ -65,11 +65,8 @@ __all__ = [
     "MAGIC",
     "SegmentWriter",
     "map_segment",
-    "sweep",
     "segment_names",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAGIC = b"SGLMMPR1"
 VERSION = 1
@@ -86,7 +83,7 @@ _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC"
 
 
 def _path(shm_dir: str, name: str) -> str:
-    if not SEGMENT_NAME_RE.match(name):
+    if not OWNED_NAME_RE.match(name):
         raise MultimodalTransportError(
             f"refused segment name {name!r}: not a sglang_mmpre segment name"
         )
@@ -129,17 +126,17 @@ class SegmentWriter:
     _released: bool = False
 
     def __init__(self, shm_dir: str, payload_nbytes: int) -> None:
-        self.name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
-        self.path = os.path.join(shm_dir, self.name)
         self.payload_nbytes = int(payload_nbytes)
         self.nonce = secrets.token_bytes(16)
         total = HEADER_SIZE + self.payload_nbytes
         try:
+            self.name = new_name(shm_dir)  # holds this process's creator lock
+            self.path = os.path.join(shm_dir, self.name)
             self._fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise SegmentAllocationError(
-                f"cannot create {self.path}: {e.strerror}. Check that {shm_dir} exists and "
-                "is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
+                f"cannot create a segment in {shm_dir}: {e.strerror}. Check that {shm_dir} "
+                "exists and is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
             ) from e
         try:
             try:
@@ -283,45 +280,4 @@ def segment_names(shm_dir: str) -> list[str]:
         entries = os.listdir(shm_dir)
     except FileNotFoundError:
         return []
-    return sorted(n for n in entries if SEGMENT_NAME_RE.match(n))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep(shm_dir: str) -> list[str]:
-    """Unlink segments whose creator process is dead; return their names.
-
-    Only regular files whose names match our prefix and pattern are considered, and a
-    segment whose creator is alive (a running server's) is never touched.
-    """
-    removed = []
-    for name in segment_names(shm_dir):
-        pid = int(SEGMENT_NAME_RE.match(name).group(1))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        path = os.path.join(shm_dir, name)
-        try:
-            # We only ever create regular files: a directory, link or fifo is not ours.
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue
-            os.unlink(path)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # pragma: no cover - permissions of a foreign file
-            if e.errno not in (errno.EPERM, errno.EACCES, errno.EISDIR):
-                raise
-    if removed:
-        logger.warning(
-            "sglang_mmpre: removed %d shared-memory segment(s) left by dead processes in %s",
-            len(removed), shm_dir,
-        )
-    return removed
+    return sorted(n for n in entries if OWNED_NAME_RE.match(n))
