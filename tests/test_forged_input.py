@@ -2,7 +2,8 @@
 every rank, and the next request is served; nothing outside our segments is ever opened.
 
 Each case takes a genuine request (materialized and sent by ``TokenizerSide`` for TP=3),
-forges it after it left the tokenizer, and runs the same pickle through three
+forges it after it left the tokenizer, and runs the same pickle through the entry rank's
+check (``vouch_for_segments``, as the patched ``recv_requests`` runs it) and three
 ``SchedulerUnderTest`` ranks (the real patched ``Scheduler.handle_generate_request``), as
 ``broadcast_pyobj`` hands every rank its own copy. The multi-process version (four gloo
 ranks) is ``test_forged_requests_abort_identically_on_four_rank_processes``.
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_mmpre.errors import SegmentAllocationError
-from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs
+from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs, vouch_for_segments
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
 from sglang_mmpre.transport.descriptors import SegmentDescriptor, TensorDescriptor
@@ -486,8 +487,10 @@ def immortal(side, shm_dir):
 
 
 def _take(m, recorder) -> tuple:
+    """What a rank makes of ``m`` once the entry rank has vouched for it (recv_requests)."""
     recv = types.SimpleNamespace(materialized_mm_inputs=m, mm_inputs=None)
     with recorder.active():
+        vouch_for_segments([recv])
         return take_multimodal_inputs(SchedulerUnderTest(tp_size=TP), recv)
 
 

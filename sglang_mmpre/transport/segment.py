@@ -46,6 +46,7 @@ Names are ``<creator stem>_<96 random bits in hex>``, the stem being
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hmac
 import mmap
@@ -55,7 +56,11 @@ import stat
 import struct
 from typing import Optional
 
-from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
+from sglang_mmpre.errors import (
+    MultimodalTransportError,
+    SegmentAllocationError,
+    SegmentUnreachableError,
+)
 from sglang_mmpre.transport.descriptors import SegmentDescriptor
 from sglang_mmpre.transport.liveness import OWNED_NAME_RE, new_name
 
@@ -64,6 +69,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "SegmentWriter",
+    "probe_segment",
     "map_segment",
     "segment_names",
 ]
@@ -220,55 +226,88 @@ class SegmentWriter:
         self._destroy()
 
 
-def map_segment(shm_dir: str, seg: SegmentDescriptor, digest: bytes) -> mmap.mmap:
-    """Map ``seg`` privately (copy-on-write) and drop one consumer reference.
+def _open_ours(shm_dir: str, seg: SegmentDescriptor) -> tuple[int, os.stat_result, tuple]:
+    """Open ``seg`` and check that it is a segment and carries ``seg``'s nonce.
 
-    ``digest`` is the table digest computed from the descriptors this rank received. The
-    returned mapping covers header and payload. Raises :class:`MultimodalTransportError`
-    for a forged, stale or inconsistent descriptor; the reference is dropped whenever the
-    segment is ours (nonce matches), so a refused request leaks nothing.
+    Returns ``(fd, stat, header fields)``; the caller closes ``fd``. Raises
+    :class:`SegmentUnreachableError` when it can't be opened (gone, or refused by the
+    OS), :class:`MultimodalTransportError` when it is not ours.
     """
     path = _path(shm_dir, seg.name)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
-        raise MultimodalTransportError(
-            f"segment {seg.name} does not exist (already consumed, swept, or never created)"
+        raise SegmentUnreachableError(
+            f"segment {seg.name} does not exist (already consumed, swept, deleted from "
+            "outside, or never created)", errno.ENOENT
         ) from None
     except OSError as e:
-        raise MultimodalTransportError(f"cannot open segment {seg.name}: {e.strerror}") from e
+        raise SegmentUnreachableError(
+            f"cannot open segment {seg.name}: {e.strerror}", e.errno
+        ) from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
             raise MultimodalTransportError(f"segment {seg.name} is truncated or not a file")
-        magic, version, hdr, payload_nbytes, _, nonce, stored_digest = HEADER.unpack(
-            os.pread(fd, HEADER_SIZE, 0)
-        )
+        header = HEADER.unpack(os.pread(fd, HEADER_SIZE, 0))
+        magic, version, hdr, _, _, nonce, _ = header
         if magic != MAGIC or version != VERSION or hdr != HEADER_SIZE:
             raise MultimodalTransportError(f"segment {seg.name} has no valid header")
         if not hmac.compare_digest(nonce, bytes(seg.nonce)):
             raise MultimodalTransportError(
                 f"descriptor does not belong to segment {seg.name} (nonce mismatch)"
             )
+        return fd, st, header
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def probe_segment(shm_dir: str, seg: SegmentDescriptor) -> None:
+    """Check that ``seg`` exists with a valid header and its nonce; touch nothing.
+
+    What the entry rank vouches for (``resolve.vouch``). Raises as :func:`map_segment`.
+    """
+    os.close(_open_ours(shm_dir, seg)[0])
+
+
+def map_segment(shm_dir: str, seg: SegmentDescriptor, digest: bytes) -> mmap.mmap:
+    """Map ``seg`` privately (copy-on-write) and drop one consumer reference.
+
+    ``digest`` is the table digest computed from the descriptors this rank received. The
+    returned mapping covers header and payload. Raises :class:`MultimodalTransportError`
+    for a forged, stale or inconsistent descriptor, and its subclass
+    :class:`SegmentUnreachableError` when the file can't be opened or mapped here. The
+    reference is dropped whenever the segment is ours (nonce matches), so a refused
+    request leaks nothing.
+    """
+    fd, st, header = _open_ours(shm_dir, seg)
+    _, _, _, payload_nbytes, _, _, stored_digest = header
+    try:
         # From here on the segment is ours: drop the reference even if we refuse it.
-        problem = None
+        problem: Optional[MultimodalTransportError] = None
+        mapping = None
         if payload_nbytes != seg.payload_nbytes or st.st_size != HEADER_SIZE + payload_nbytes:
-            problem = (
+            problem = MultimodalTransportError(
                 f"segment {seg.name} is truncated or resized: {st.st_size} bytes, "
                 f"descriptor says {HEADER_SIZE + seg.payload_nbytes}"
             )
         elif not hmac.compare_digest(stored_digest, digest):
-            problem = (
+            problem = MultimodalTransportError(
                 f"descriptors of segment {seg.name} do not match its header "
                 "(wrong dtype, shape, nbytes, offset or hash)"
             )
-        mapping = None
-        if problem is None:
-            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        _adjust_refcount(fd, path, -1)
+        else:
+            try:
+                mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                problem = SegmentUnreachableError(
+                    f"cannot map segment {seg.name}: {e.strerror}", e.errno
+                )
+        _adjust_refcount(fd, _path(shm_dir, seg.name), -1)
         if problem is not None:
-            raise MultimodalTransportError(problem)
+            raise problem
         return mapping
     finally:
         os.close(fd)
