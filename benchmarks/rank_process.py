@@ -3,7 +3,8 @@ multimodal handling and a simulated forward step, with CPU time and collectives 
 phase. (The processes and their messages: ``benchmarks/harness.py``.)
 
 - Rank 0 iterates like sglang's ``recv_requests``: drain its PULL socket without
-  blocking (``--max-recv-bytes`` caps one drain), ``broadcast_pyobj`` the list to every
+  blocking (``--max-recv-bytes`` caps one drain), run the mode's entry-rank check
+  (``schemes.entry_rank_check``), ``broadcast_pyobj`` the list to every
   rank (all ranks call it every iteration), then every rank handles the multimodal
   inputs per mode, then a simulated forward step (``--forward-ms`` wait + an
   ``all_reduce`` of a small tensor, which keeps the ranks in lockstep as NCCL would).
@@ -12,11 +13,11 @@ phase. (The processes and their messages: ``benchmarks/harness.py``.)
 - When idle (the previous iteration had no request), rank 0 waits up to 20 ms on its
   socket before draining, instead of spinning (peers wait inside the gloo broadcast).
 
-Each iteration is split into phases (``RankCounters.phase``): ``recv`` (rank 0's drain and
-unpickling), ``req_bcast`` (``broadcast_pyobj``), ``mm`` (the mode's multimodal handling),
-``fwd`` (the simulated forward step) and ``other``. Between the ``begin`` and ``end`` control
-messages a rank counts, by phase, its process CPU time, the collectives it calls and the bytes
-it broadcasts; at ``end`` it puts them on the results queue (``report.cell_row`` turns them
+Each iteration is split into phases (``RankCounters.phase``): ``recv`` (rank 0's drain,
+unpickling and entry-rank check), ``req_bcast`` (``broadcast_pyobj``), ``mm`` (the mode's
+multimodal handling), ``fwd`` (the simulated forward step) and ``other``. Between the
+``begin`` and ``end`` control messages a rank counts, by phase, its process CPU time, the
+collectives it calls and the bytes it broadcasts; at ``end`` it puts them on the results queue (``report.cell_row`` turns them
 into the metrics).
 """
 
@@ -137,7 +138,7 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
     import torch.distributed as dist
     import zmq
 
-    from benchmarks.schemes import RankContext, handle_batch, wait_forward
+    from benchmarks.schemes import RankContext, entry_rank_check, handle_batch, wait_forward
     from sglang.srt.managers.scheduler import Scheduler  # noqa: F401  (import cost up front)
     from sglang.srt.utils import broadcast_pyobj
 
@@ -175,6 +176,7 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
                     poller.poll(IDLE_POLL_MS)
                 counters.phase = "recv"
                 batch = _drain(pull, cfg.max_recv_bytes)
+                entry_rank_check(mode, batch)
             else:
                 batch = []
             c1 = cpu()

@@ -451,6 +451,16 @@ class RankContext:
         )
 
 
+def entry_rank_check(mode: str, batch: list) -> None:
+    """What the entry rank does with a receive batch before ``broadcast_pyobj``, per mode:
+    ``tokenizer_stage`` checks each request's segment once (``vouch_for_segments``, as the
+    patched ``recv_requests`` does); the other modes do nothing there."""
+    if mode == "tokenizer_stage":
+        from sglang_mmpre.scheduler_side.hooks import vouch_for_segments
+
+        vouch_for_segments(batch)
+
+
 def handle_batch(mode: str, ctx: RankContext, reqs: list) -> list[tuple[str, Any, Optional[str]]]:
     """The multimodal handling of one receive batch on one rank, per ``mode``.
 

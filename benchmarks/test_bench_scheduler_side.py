@@ -12,8 +12,9 @@ the feature size only, so that grouping by param puts the six modes side by side
 - ``upstream_shm_barrier``: unpickling the request (which maps its per-feature segment,
   as upstream's ``__setstate__`` does), copying the feature out, unlinking, and the
   hash-free ``from_dict``; hashing and segment creation are in the setup;
-- ``tokenizer_stage``: ``take_multimodal_inputs`` on a freshly unpickled request whose
-  segment was created (``TokenizerSide.build``) and sent (``TokenizerSide.send``) in setup;
+- ``tokenizer_stage``: the entry rank's ``vouch_for_segments`` and ``take_multimodal_inputs``
+  on a freshly unpickled request whose segment was created (``TokenizerSide.build``) and
+  sent (``TokenizerSide.send``) in setup;
 - ``floor``: nothing but the harness's per-batch dispatch.
 
 Setup (fresh dicts, segment creation, pickling) runs outside the timed region
@@ -62,7 +63,8 @@ def ctx():
 def _own_segments() -> list[str]:
     pid = os.getpid()
     prefixes = (f"sglmmpre_{pid}_", f"{UPSTREAM_PREFIX}{pid}_")
-    return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+    # Not this process's creator lock file: it is held (and needed) until the process exits.
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes) and not n.endswith(".lock")]
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +152,7 @@ class _CaptureSocket:
 
 @pytest.mark.parametrize("size", SIZES)
 def test_tokenizer_stage(benchmark, features, ctx, size):
-    from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs
+    from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs, vouch_for_segments
     from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 
     f = features[size]
@@ -168,6 +170,7 @@ def test_tokenizer_stage(benchmark, features, ctx, size):
         return ((pickle.loads(sock.data),), {})
 
     def target(req):
+        vouch_for_segments([req])  # the entry rank's check in recv_requests (TP=1: this rank)
         inputs, err = take_multimodal_inputs(ctx.scheduler_like, req)
         assert err is None
         return inputs

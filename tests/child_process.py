@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Sequence
 
 __all__ = ["PRELUDE", "Child"]
 
@@ -23,11 +24,15 @@ os.environ["SGLANG_MM_SHM_DIR"] = shm_dir
 
 
 class Child:
-    """A child process speaking lines on stdin/stdout; :meth:`close` always reaps it."""
+    """A child process speaking lines on stdin/stdout; :meth:`close` always reaps it.
 
-    def __init__(self, code: str, *args: str) -> None:
+    ``wrapper`` runs it through another command (e.g. ``unshare --pid --fork``); ``pid``
+    is then the wrapper's.
+    """
+
+    def __init__(self, code: str, *args: str, wrapper: Sequence[str] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", PRELUDE + code, *args],
+            [*wrapper, sys.executable, "-c", PRELUDE + code, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.pid = self.proc.pid

@@ -74,3 +74,20 @@ def served_model(tmp_path_factory) -> Path:
     from served_model import make_served_qwen2vl
 
     return make_served_qwen2vl(tmp_path_factory.getbasetemp() / "served_qwen2vl")
+
+
+@pytest.fixture
+def children():
+    """``children(code, *args, wrapper=())`` starts a ``child_process.Child``; all are reaped
+    (killed if still running) at the end of the test."""
+    from child_process import Child
+
+    made: list = []
+
+    def spawn(code: str, *args: str, wrapper=()) -> Child:
+        made.append(Child(code, *args, wrapper=wrapper))
+        return made[-1]
+
+    yield spawn
+    for child in made:
+        child.close()

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sglang_mmpre.config import Settings
+from sglang_mmpre.transport.liveness import LOCK_NAME_RE, creator_alive
 
-__all__ = ["image_mm_dict", "qwen2vl_pixels", "shm_settings"]
+__all__ = ["image_mm_dict", "qwen2vl_pixels", "shm_settings", "files_left"]
 
 
 def shm_settings(shm_dir: Path, cap: int = 1 << 34, enabled: bool = True) -> Settings:
     return Settings(enabled=enabled, shm_dir=str(shm_dir), shm_cap_bytes=cap, threads=2)
+
+
+def files_left(shm_dir: str | Path) -> list[str]:
+    """Every file in ``shm_dir`` but the lock files of live creators (this process's, for
+    one): what must be gone once every segment is released."""
+    return sorted(n for n in os.listdir(shm_dir)
+                  if not (LOCK_NAME_RE.match(n) and creator_alive(str(shm_dir), n[:-len(".lock")])))
 
 
 @functools.lru_cache(maxsize=None)

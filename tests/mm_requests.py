@@ -2,8 +2,9 @@
 
 Builds ``TokenizedGenerateReqInput`` objects the way the patched TokenizerManager does
 (``TokenizerSide.materialize_request`` then ``TokenizerSide.send``), captures what goes
-on the wire as pickles, and replays one pickle through N ``SchedulerUnderTest`` ranks, the
-way sglang's ``broadcast_pyobj`` hands every TP rank its own unpickled copy.
+on the wire as pickles, and replays one pickle through N ``SchedulerUnderTest`` ranks the
+way the patched ``recv_requests`` does: the entry rank vouches for its segment, then
+sglang's ``broadcast_pyobj`` hands every TP rank its own unpickled copy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import pickle
 import struct
 from typing import Any, Optional
+
+from sglang_mmpre.scheduler_side.hooks import vouch_for_segments
 
 from mm_fixtures import image_mm_dict
 from scheduler_harness import SchedulerUnderTest
@@ -70,6 +73,9 @@ def send_captured(side: Any, req: Any) -> bytes:
 
 def run_ranks(blob: bytes, tp_size: int, schedulers: Optional[list] = None) -> list:
     """Feed one pickled request to ``tp_size`` ranks; return the ``Req`` each queued."""
+    entry_copy = pickle.loads(blob)  # what recv_pyobj gives the entry rank
+    vouch_for_segments([entry_copy])
+    blob = pickle.dumps(entry_copy)  # what broadcast_pyobj hands every rank
     if schedulers is None:
         schedulers = [SchedulerUnderTest(tp_size=tp_size, tp_rank=r) for r in range(tp_size)]
     out = []

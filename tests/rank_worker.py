@@ -1,8 +1,9 @@
 """One scheduler rank of the multi-process tests (run as a script, one process per rank).
 
-Rank 0 pulls tokenized requests from a ZMQ socket, as ``Scheduler.recv_requests`` does;
-every rank receives the batch through sglang's own ``broadcast_pyobj`` over a gloo group
-and hands each request to the real patched ``Scheduler.handle_generate_request``. Each rank
+Every rank calls the real patched ``Scheduler.recv_requests``: rank 0 pulls tokenized
+requests from a ZMQ socket and vouches for their segments, every rank receives the batch
+through sglang's own ``broadcast_pyobj`` over a gloo group and hands each request to the
+real patched ``Scheduler.handle_generate_request``. Each rank
 writes what it built (hashes, pad values, a digest of every feature's bytes) and the
 ``torch.distributed`` calls made inside request handling to ``<out_dir>/rank<k>.json``.
 
@@ -24,9 +25,8 @@ def main(rank: int, world: int, port: int, addr: str, out_dir: str, n_requests: 
     import torch
     import torch.distributed as dist
     import zmq
-    from sglang.srt.utils import broadcast_pyobj
 
-    from scheduler_harness import SchedulerUnderTest, drain
+    from scheduler_harness import SchedulerUnderTest
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -36,7 +36,7 @@ def main(rank: int, world: int, port: int, addr: str, out_dir: str, n_requests: 
         socket = zmq.Context.instance().socket(zmq.PULL)
         socket.bind(addr)
     scheduler = SchedulerUnderTest(tp_size=world, cpu_group=group, is_entry_rank=rank == 0,
-                                   tp_rank=rank)
+                                   tp_rank=rank, recv_from_tokenizer=socket)
     calls: list[str] = []
     real = {name: getattr(dist, name) for name in ("broadcast", "broadcast_object_list",
                                                    "all_reduce", "barrier", "get_world_size")}
@@ -45,8 +45,7 @@ def main(rank: int, world: int, port: int, addr: str, out_dir: str, n_requests: 
     while seen < n_requests:
         if time.monotonic() > deadline:
             raise SystemExit(f"rank {rank}: only {seen}/{n_requests} requests arrived")
-        batch = drain(socket) if rank == 0 else []
-        batch = broadcast_pyobj(batch, rank, group, src=0)
+        batch = scheduler.recv_requests()
         for name, fn in real.items():  # count calls made while handling requests only
             setattr(dist, name, lambda *a, __fn=fn, __n=name, **k: (calls.append(__n), __fn(*a, **k))[1])
         for req in batch:

@@ -1,9 +1,10 @@
 """A scheduler object that runs sglang's *real* (patched) ``Scheduler`` methods.
 
-Building a full ``Scheduler`` loads a model on a GPU. The request-handling methods under
-test need only a handful of attributes, so :class:`SchedulerUnderTest` borrows the real
-functions from ``sglang.srt.managers.scheduler.Scheduler`` and supplies those attributes;
-the queue stand-in records what the real code enqueues.
+Building a full ``Scheduler`` loads a model on a GPU. The methods under test
+(``recv_requests``, ``handle_generate_request``, ...) need only a handful of attributes,
+so :class:`SchedulerUnderTest` borrows the real functions from
+``sglang.srt.managers.scheduler.Scheduler`` and supplies those attributes; the queue
+stand-in records what the real code enqueues.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import types
 from typing import Any
 
-__all__ = ["SchedulerUnderTest", "DistributedCallCounter", "drain"]
+__all__ = ["SchedulerUnderTest", "DistributedCallCounter"]
 
 
 class DistributedCallCounter:
@@ -36,16 +37,13 @@ class DistributedCallCounter:
             monkeypatch.setattr(dist, name, wrapper)
 
 
-def drain(socket: Any) -> list:
-    """Every object waiting on a ZMQ socket, without blocking (as ``recv_requests`` does)."""
-    import zmq
+class _NoRpc:
+    """``recv_from_rpc`` with nothing waiting (what ``recv_requests`` sees without RPCs)."""
 
-    batch = []
-    while True:
-        try:
-            batch.append(socket.recv_pyobj(zmq.NOBLOCK))
-        except zmq.Again:
-            return batch
+    def recv_pyobj(self, flags: int = 0) -> Any:
+        import zmq
+
+        raise zmq.Again()
 
 
 def _ensure_global_server_args() -> None:
@@ -67,10 +65,16 @@ def _ensure_global_server_args() -> None:
 
 
 class SchedulerUnderTest:
-    """Just enough of a Scheduler for ``handle_generate_request`` / ``handle_embedding_request``."""
+    """Just enough of a Scheduler for ``recv_requests`` (TP only, no DP-attention or PP)
+    and ``handle_generate_request`` / ``handle_embedding_request``.
+
+    ``recv_requests`` needs ``recv_from_tokenizer`` (the entry rank's ZMQ PULL socket) and,
+    with ``tp_size > 1``, ``cpu_group`` (a gloo group for sglang's ``broadcast_pyobj``).
+    """
 
     def __init__(self, tp_size: int = 1, pp_size: int = 1, max_req_input_len: int = 100_000,
-                 cpu_group: Any = None, is_entry_rank: bool = True, tp_rank: int = 0) -> None:
+                 cpu_group: Any = None, is_entry_rank: bool = True, tp_rank: int = 0,
+                 recv_from_tokenizer: Any = None) -> None:
         import sglang.srt.managers.schedule_batch as schedule_batch
         from sglang.srt.disaggregation.utils import DisaggregationMode
         from sglang.srt.managers.mm_utils import MultiModalityDataPaddingPatternMultimodalTokens
@@ -80,7 +84,7 @@ class SchedulerUnderTest:
         # Req.set_finish_with_abort asks the (absent) TP group for this rank's index.
         schedule_batch.get_tensor_model_parallel_rank = lambda: tp_rank
         cls = type(self)
-        for name in ("handle_generate_request", "handle_embedding_request",
+        for name in ("recv_requests", "handle_generate_request", "handle_embedding_request",
                      "handle_batch_generate_request", "init_req_max_new_tokens",
                      "_process_and_broadcast_mm_inputs"):
             setattr(cls, name, getattr(Scheduler, name))
@@ -90,6 +94,12 @@ class SchedulerUnderTest:
         )
         self.tp_size, self.pp_size, self.attn_tp_size = tp_size, pp_size, tp_size
         self.cpu_group, self.is_entry_rank = cpu_group, is_entry_rank
+        # What recv_requests reads (pp_rank 0, TP group = every rank, no DP-attention).
+        self.recv_skipper = self.input_blocker = None
+        self.pp_rank, self.attn_tp_rank, self.enable_trace = 0, tp_rank, False
+        self.tp_group = types.SimpleNamespace(rank=tp_rank, ranks=list(range(tp_size)))
+        self.tp_cpu_group = cpu_group
+        self.recv_from_tokenizer, self.recv_from_rpc = recv_from_tokenizer, _NoRpc()
         self.sessions: dict = {}
         self.model_config = types.SimpleNamespace(hf_eos_token_id=None, vocab_size=300)
         self.disaggregation_mode = DisaggregationMode.NULL

@@ -3,9 +3,10 @@ multi-process forged-input tests (never shipped).
 
 Data path, as in a TP=N sglang server with this project's patch::
 
-    tokenizer process                          rank 0                 ranks 1..N-1
-    TokenizerSide.materialize_request  --ZMQ-->  recv (drain) --sglang broadcast_pyobj (gloo)-->
-    TokenizerSide.send (counts consumers)        every rank: real patched Scheduler.handle_generate_request
+    tokenizer process                          every rank: real patched Scheduler.recv_requests
+    TokenizerSide.materialize_request  --ZMQ-->  rank 0: drain, vouch_for_segments
+    TokenizerSide.send (counts consumers)        --sglang broadcast_pyobj (gloo)--> ranks 1..N-1
+                                                 every rank: real patched handle_generate_request
                                       <--ZMQ--  rank 0: "done" rids      (take_multimodal_inputs)
 
 Each request runs inside ``TokenizerSide.request_scope()`` as ``generate_request`` does,
@@ -15,7 +16,15 @@ goes away, before any rank has mapped the segment); ``n3`` (parallel sampling: o
 tokenized object sent 1 + 3 times); ``forged_nonce``/``forged_name`` (a forged copy that
 no rank may touch, then the genuine one); ``forged_nbytes`` (a forged table for our own
 segment: every rank drops its reference and aborts); ``raw_bad`` (a raw dict sglang's
-``from_dict`` rejects).
+``from_dict`` rejects). Files deleted from outside (every file of the shm directory, as
+``rm /dev/shm/*`` does, the creator's lock file included) at one point of a request's
+life: ``rm_before_send`` (materialized, not yet sent), ``rm_between_ranks`` (rank 0 has
+mapped it, the other ranks have not), ``rm_after_mapped`` (every rank mapped it, no rank
+has read the features yet), ``rm_before_scope_exit`` (every rank is done, which rank 0
+waits for before it reports the request done; the creator reference is still held). The
+tokenizer prints ``HELD <rid prefix> <held_bytes>`` after each of these requests' scope
+and every rank prints ``OUTCOME <rid> <outcome>`` for every request, so that a run whose ranks stop on ``SegmentVanishedError`` still shows
+what happened (see ``fatal_ranks`` of :func:`run_harness`).
 
 Control messages travel the same path: ``measure`` makes every process record its open
 fds, RSS and mapped segments (after ``gc.collect()``; the ranks meet at a barrier first,
@@ -40,7 +49,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["run_harness", "free_port", "process_metrics"]
+__all__ = ["run_harness", "free_port", "process_metrics", "external_rm"]
 
 
 def free_port() -> int:
@@ -64,6 +73,21 @@ def process_metrics(shm_dir: str) -> dict[str, int]:
             if shm_dir in line:
                 mapped += 1
     return {"pid": os.getpid(), "fds": fds, "rss": rss, "mapped_segments": mapped}
+
+
+def external_rm(shm_dir: str) -> None:
+    """What ``rm <shm dir>/*`` does (systemd's RemoveIPC, a cleanup job): every file goes."""
+    for name in os.listdir(shm_dir):
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def _kind(cfg: dict, rid: str) -> str:
+    """The plan kind of request ``rid`` ("req<i>-<k>"; warm-up requests are "good")."""
+    head = rid.split("-", 1)[0]
+    return cfg["plan"][int(head[3:])] if head.startswith("req") else "good"
 
 
 def _shm_usage(shm_dir: str) -> dict[str, int]:
@@ -141,43 +165,53 @@ async def _tokenizer(cfg: dict) -> dict:
         return o
 
     async def one(prefix: str, kind: str, pending: list) -> None:
-        waits = []
         with side.request_scope():
-            if kind == "raw_bad":
-                obj = tokenized_request({"mm_items": "not a list"}, f"{prefix}-0")
-                waits.append(expect(obj.rid))
-                push.send_pyobj(obj)
+            await scoped(prefix, kind, pending)
+        if kind.startswith("rm_"):
+            out.setdefault("held_after", {})[prefix] = side.held_bytes
+            print("HELD", prefix, side.held_bytes, flush=True)
+
+    async def scoped(prefix: str, kind: str, pending: list) -> None:
+        waits = []
+        if kind == "raw_bad":
+            obj = tokenized_request({"mm_items": "not a list"}, f"{prefix}-0")
+            waits.append(expect(obj.rid))
+            push.send_pyobj(obj)
+        else:
+            obj = await side.materialize_request(tokenized_request(mm_dict(), prefix))
+            m = obj.materialized_mm_inputs
+            if kind in ("forged_nonce", "forged_name"):
+                change = ({"nonce": bytes(16)} if kind == "forged_nonce"
+                          else {"name": "../../etc/passwd"})
+                forged = MaterializedMultimodalInputs(
+                    m.inputs, dataclasses.replace(m.segment, **change))
+                waits.append(expect(f"{prefix}-0"))
+                push.send_pyobj(with_rid(obj, f"{prefix}-0", forged))  # not counted
+                waits.append(expect(f"{prefix}-1"))
+                side.send(push, with_rid(obj, f"{prefix}-1"))
+            elif kind == "forged_nbytes":
+                inputs = copy.deepcopy(m.inputs)
+                item = inputs.mm_items[0]
+                item.feature = dataclasses.replace(item.feature,
+                                                   nbytes=item.feature.nbytes - 4)
+                waits.append(expect(f"{prefix}-0"))
+                side.send(push, with_rid(
+                    obj, f"{prefix}-0",
+                    MaterializedMultimodalInputs(inputs, m.segment, m.writer)))
             else:
-                obj = await side.materialize_request(tokenized_request(mm_dict(), prefix))
-                m = obj.materialized_mm_inputs
-                if kind in ("forged_nonce", "forged_name"):
-                    change = ({"nonce": bytes(16)} if kind == "forged_nonce"
-                              else {"name": "../../etc/passwd"})
-                    forged = MaterializedMultimodalInputs(
-                        m.inputs, dataclasses.replace(m.segment, **change))
-                    waits.append(expect(f"{prefix}-0"))
-                    push.send_pyobj(with_rid(obj, f"{prefix}-0", forged))  # not counted
-                    waits.append(expect(f"{prefix}-1"))
-                    side.send(push, with_rid(obj, f"{prefix}-1"))
-                elif kind == "forged_nbytes":
-                    inputs = copy.deepcopy(m.inputs)
-                    item = inputs.mm_items[0]
-                    item.feature = dataclasses.replace(item.feature,
-                                                       nbytes=item.feature.nbytes - 4)
-                    waits.append(expect(f"{prefix}-0"))
-                    side.send(push, with_rid(
-                        obj, f"{prefix}-0",
-                        MaterializedMultimodalInputs(inputs, m.segment, m.writer)))
-                else:
-                    sends = 4 if kind == "n3" else 1
-                    for k in range(sends):
-                        waits.append(expect(f"{prefix}-{k}"))
-                        side.send(push, with_rid(obj, f"{prefix}-{k}"))
-            if kind == "disconnect":
-                pending.extend(waits)  # the client is gone: the scope closes now
-                return
-            for ev in waits:
-                await ev.wait()
+                if kind == "rm_before_send":
+                    external_rm(shm_dir)
+                sends = 4 if kind == "n3" else 1
+                for k in range(sends):
+                    waits.append(expect(f"{prefix}-{k}"))
+                    side.send(push, with_rid(obj, f"{prefix}-{k}"))
+        if kind == "disconnect":
+            pending.extend(waits)  # the client is gone: the scope closes now
+            return
+        for ev in waits:
+            await ev.wait()
+        if kind == "rm_before_scope_exit":
+            external_rm(shm_dir)
 
     async def phase(name: str, kinds: list[str]) -> None:
         # ``window`` clients, each sending its next request once the previous one ended:
@@ -230,9 +264,8 @@ def _read_features(req: Any) -> None:
 def _rank(rank: int, cfg: dict) -> dict:
     import torch.distributed as dist
     import zmq
-    from sglang.srt.utils import broadcast_pyobj
 
-    from scheduler_harness import SchedulerUnderTest, drain
+    from scheduler_harness import SchedulerUnderTest
 
     world, shm_dir = cfg["world"], cfg["shm_dir"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=rank,
@@ -246,15 +279,13 @@ def _rank(rank: int, cfg: dict) -> dict:
         push = ctx.socket(zmq.PUSH)
         push.connect(cfg["to_tokenizer"])
     scheduler = SchedulerUnderTest(tp_size=world, cpu_group=group, is_entry_rank=rank == 0,
-                                   tp_rank=rank)
+                                   tp_rank=rank, recv_from_tokenizer=pull)
     out: dict[str, Any] = {"outcomes": {}, "served": 0}
     running = True
     while running:
-        batch: list = []
         if rank == 0:
-            if pull.poll(timeout=20):
-                batch = drain(pull)
-        batch = broadcast_pyobj(batch, rank, group, src=0)
+            pull.poll(timeout=20)  # wait for work rather than spin; peers wait in the broadcast
+        batch = scheduler.recv_requests()
         done = []
         for obj in batch:
             if isinstance(obj, dict):
@@ -267,7 +298,25 @@ def _rank(rank: int, cfg: dict) -> dict:
                 if rank == 0:
                     push.send_pyobj({"ack": obj["tag"]})
                 continue
-            scheduler.handle_generate_request(obj)
+            kind = _kind(cfg, obj.rid)
+            if kind == "rm_between_ranks":  # rank 0 maps it, the files go, then the others map
+                if rank != 0:
+                    dist.barrier(group=group)
+                scheduler.handle_generate_request(obj)  # ranks 1.. raise SegmentVanishedError
+                if rank == 0:
+                    external_rm(shm_dir)
+                    dist.barrier(group=group)
+            else:
+                scheduler.handle_generate_request(obj)
+            if kind == "rm_after_mapped":  # every rank mapped it; the files go before any read
+                dist.barrier(group=group)
+                if rank == 0:
+                    external_rm(shm_dir)
+                dist.barrier(group=group)
+            elif kind == "rm_before_scope_exit":
+                # rank 0 reports "done" once every rank has mapped it (the tokenizer removes
+                # the files then); otherwise that removal could come between ranks.
+                dist.barrier(group=group)
             (req,) = scheduler.queued
             scheduler.queued.clear()
             if req.to_finish is None:
@@ -276,6 +325,7 @@ def _rank(rank: int, cfg: dict) -> dict:
                 out["outcomes"][req.rid] = "served"
             else:
                 out["outcomes"][req.rid] = req.to_finish.message
+            print("OUTCOME", req.rid, out["outcomes"][req.rid], flush=True)
             done.append(req.rid)
             del req
         if rank == 0 and done:
@@ -309,11 +359,17 @@ def _child_main(role: str, rank: int, cfg_path: str) -> None:
 # --------------------------------------------------------------------------------------
 
 def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmup: int,
-                window: int = 8, timeout_s: float | None = None) -> dict:
+                window: int = 8, timeout_s: float | None = None,
+                fatal_ranks: tuple[int, ...] = ()) -> dict:
     """Run ``plan`` through a tokenizer process and ``world`` rank processes.
 
-    Asserts every exit code is 0 (killing the rest on timeout) and returns
-    ``{"tokenizer": ..., "ranks": [...]}`` as the processes reported it.
+    Without ``fatal_ranks``: asserts every exit code is 0 (killing the rest on timeout)
+    and returns ``{"tokenizer": ..., "ranks": [...]}`` as the processes reported it.
+
+    With ``fatal_ranks``: those ranks are expected to stop on an exception. Once they all
+    have exited, the others are killed, as sglang tears a server down when one of its
+    schedulers dies (the scheduler signals its parent, which kills the process tree).
+    Returns ``{"codes": {"rank<k>"|"tokenizer0": exit code}, "logs": {...: text}}``.
     """
     ipc_dir = tempfile.mkdtemp(prefix="mmpre_ipc_", dir="/tmp")  # short: ipc paths are capped
     cfg = {
@@ -325,6 +381,7 @@ def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmu
     cfg_path.write_text(json.dumps(cfg))
     env = {**os.environ, "SGLANG_MM_SHM_DIR": str(shm_dir)}
     roles = [("rank", r) for r in range(world)] + [("tokenizer", 0)]
+    names = [f"{role}{rank}" for role, rank in roles]
     logs = []
     procs = []
     if timeout_s is None:
@@ -338,7 +395,7 @@ def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmu
                 env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
         codes = []
-        for p in procs:
+        for p in [procs[r] for r in fatal_ranks] if fatal_ranks else procs:
             try:
                 codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
@@ -352,9 +409,13 @@ def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmu
         for log in logs:
             log.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
+    text = {n: Path(out_dir, f"{n}.log").read_text(errors="replace") for n in names}
+    if fatal_ranks:
+        if "timeout" in codes:
+            raise AssertionError(f"ranks {fatal_ranks} did not stop; logs: {json.dumps(text)}")
+        return {"codes": dict(zip(names, (p.returncode for p in procs))), "logs": text}
     if codes != [0] * len(roles):
-        tails = {f"{role}{rank}": Path(out_dir, f"{role}{rank}.log").read_text(errors="replace")[-3000:]
-                 for role, rank in roles}
+        tails = {n: t[-3000:] for n, t in text.items()}
         raise AssertionError(f"exit codes {codes} for {roles}; logs: {json.dumps(tails, indent=1)}")
     return {
         "tokenizer": json.loads(Path(out_dir, "tokenizer.json").read_text()),

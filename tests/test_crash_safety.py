@@ -4,18 +4,22 @@ sweep removes nothing else.
 - a tokenizer process killed in the middle of copying a feature into its segment;
 - a tokenizer process killed after sending, before any rank mapped;
 - a scheduler-rank process killed between receiving a descriptor and mapping it;
-- a rank killed while it holds the segment's flock.
+- a rank killed while it holds the segment's flock;
+- two servers in different pid namespaces sharing one shm directory.
 
 What removes the leftovers is :func:`sweep`, which every ``TokenizerSide`` runs at start-up
-(a restarted server). A segment whose creator is alive is never swept, and nothing outside
-our exact name pattern, or that is not a regular file, is ever touched.
+(a restarted server). A creator is alive while it holds the flock on its lock file, in any
+pid namespace; a segment whose creator is alive is never swept, and nothing outside our
+exact name pattern, or that is not a regular file, is ever touched.
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -23,25 +27,13 @@ import types
 import pytest
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
-from sglang_mmpre.transport.segment import segment_names, sweep
+from sglang_mmpre.transport.liveness import LOCK_NAME_RE, sweep
+from sglang_mmpre.transport.segment import segment_names
 
-from child_process import PRELUDE, Child
+from child_process import PRELUDE
 from mm_fixtures import shm_settings
 from mm_requests import materialized_request, run_ranks, segment_refcount, send_captured
 from scheduler_harness import SchedulerUnderTest
-
-
-@pytest.fixture
-def children():
-    made: list[Child] = []
-
-    def spawn(code: str, *args: str) -> Child:
-        made.append(Child(code, *args))
-        return made[-1]
-
-    yield spawn
-    for child in made:
-        child.close()
 
 
 def _dead_pid() -> int:
@@ -91,7 +83,7 @@ def test_tokenizer_killed_mid_write_leaves_a_segment_the_startup_sweep_removes(
     child.kill9()
     assert segment_names(str(shm_dir)) == [name]  # nobody could release it
     _startup_sweep(shm_dir)
-    assert segment_names(str(shm_dir)) == []
+    assert os.listdir(shm_dir) == []  # the segment and its creator's lock file
 
 
 # A tokenizer process that materialized and sent a request (TP=2), holding its scope.
@@ -236,16 +228,22 @@ sys.stdin.readline()
 """
 
 
+def _lock_files(shm_dir) -> list[str]:
+    return sorted(n for n in os.listdir(shm_dir) if LOCK_NAME_RE.match(n))
+
+
 def test_sweep_never_removes_segments_of_a_live_creator(shm_dir, children):
     live = children(LIVE_CREATOR, str(shm_dir))
     live.expect("READY")
     names = segment_names(str(shm_dir))
     assert len(names) == 3 and all(n.startswith(f"sglmmpre_{live.pid}_") for n in names)
+    lock = _lock_files(shm_dir)
+    assert lock == [names[0].rsplit("_", 1)[0] + ".lock"]
     # Our own sweep, and a second server starting up against the same directory.
     assert sweep(str(shm_dir)) == []
     _startup_sweep(shm_dir)
     starter = subprocess.run(
-        [sys.executable, "-c", PRELUDE + "from sglang_mmpre.transport.segment import sweep;"
+        [sys.executable, "-c", PRELUDE + "from sglang_mmpre.transport.liveness import sweep;"
          "print(sweep(shm_dir))", str(shm_dir)],
         capture_output=True, text=True,
     )
@@ -253,36 +251,47 @@ def test_sweep_never_removes_segments_of_a_live_creator(shm_dir, children):
     assert starter.stdout.strip() == "[]"
     assert segment_names(str(shm_dir)) == names
     live.kill9()
-    assert sorted(sweep(str(shm_dir))) == names
-    assert segment_names(str(shm_dir)) == []
+    assert sorted(sweep(str(shm_dir))) == sorted(names + lock)
+    assert os.listdir(shm_dir) == []
 
 
 def test_sweep_never_touches_anything_outside_our_exact_name_pattern(shm_dir, tmp_path, children):
     dead = _dead_pid()
-    hex24 = "0123456789abcdef01234567"
+    hex16, hex24 = "0123456789abcdef", "0123456789abcdef01234567"
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    # A genuine segment left by a dead creator: the only thing the sweep may remove.
+    # A genuine dead creator's segments and lock file: the only things the sweep may remove.
     creator = children(LIVE_CREATOR, str(shm_dir))
     creator.expect("READY")
     creator.kill9()
-    ours = segment_names(str(shm_dir))
+    ours = sorted(os.listdir(shm_dir))
+    stem = segment_names(str(shm_dir))[0].rsplit("_", 1)[0]  # its creator, dead
     lookalikes = [
-        f"sglmmpre_{dead}_{hex24}.tmp", f"sglmmpre_{dead}_{hex24[:-1]}",
-        f"sglmmpre_{dead}_{hex24}0", f"sglmmpre_{dead}_{hex24.upper()}",
-        f"Sglmmpre_{dead}_{hex24}", f"xsglmmpre_{dead}_{hex24}", f"sglmmpre_0{dead}_{hex24}",
-        f"sglmmpre__{hex24}", f"sglmmpre_{dead}-{hex24}", f"sglmmpre_{dead}_{hex24}\n",
-        f" sglmmpre_{dead}_{hex24}", f"sglmmpre_{dead}_{hex24} ", "sglmmpre_", "psm_4f2a1c",
-        "sem.mp-abc123", "torch_123_456", "sglang_mmpre_test_x",
+        f"{stem}_{hex24}.tmp", f"{stem}_{hex24[:-1]}", f"{stem}_{hex24}0",
+        f"{stem}_{hex24.upper()}", f"S{stem[1:]}_{hex24}", f"x{stem}_{hex24}",
+        f"{stem}_{hex24}\n", f" {stem}_{hex24}", f"{stem}_{hex24} ", f"{stem}-{hex24}",
+        f"{stem}.lock.tmp", f"{stem}.LOCK", f"{stem}lock", f"{stem}.lock\n",
+        f"sglmmpre_0{dead}_{hex16}_{hex24}", f"sglmmpre__{hex16}_{hex24}",
+        f"sglmmpre_{dead}_{hex24}",  # the name format of before creator lock files
+        "sglmmpre_", "psm_4f2a1c", "sem.mp-abc123", "torch_123_456", "sglang_mmpre_test_x",
     ]
     for name in lookalikes:
         (shm_dir / name).write_bytes(b"foreign")
-    # Exactly our pattern and a dead pid, but not a regular file we could have made.
-    (shm_dir / f"sglmmpre_{dead}_{'a' * 24}").mkdir()
-    os.symlink(victim, shm_dir / f"sglmmpre_{dead}_{'b' * 24}")
-    os.mkfifo(shm_dir / f"sglmmpre_{dead}_{'c' * 24}")
+    # Exactly our pattern and a dead creator, but not a regular file we could have made.
+    (shm_dir / f"{stem}_{'a' * 24}").mkdir()
+    os.symlink(victim, shm_dir / f"{stem}_{'b' * 24}")
+    os.mkfifo(shm_dir / f"{stem}_{'c' * 24}")
     (shm_dir / "sub").mkdir()
-    (shm_dir / "sub" / f"sglmmpre_{dead}_{'d' * 24}").write_bytes(b"nested")
+    (shm_dir / "sub" / f"{stem}_{'d' * 24}").write_bytes(b"nested")
+    # Creators whose lock is missing (deleted from outside), a directory, or a symlink to a
+    # file that nobody locks: their liveness is unknown, so their files stay.
+    no_lock = f"sglmmpre_{dead}_{'e' * 16}"
+    dir_lock = f"sglmmpre_{dead}_{'f' * 16}"
+    link_lock = f"sglmmpre_{dead}_{'9' * 16}"
+    for other in (no_lock, dir_lock, link_lock):
+        (shm_dir / f"{other}_{hex24}").write_bytes(b"unknown creator")
+    (shm_dir / f"{dir_lock}.lock").mkdir()
+    os.symlink(victim, shm_dir / f"{link_lock}.lock")
     before = sorted(os.listdir(shm_dir))
 
     assert sorted(sweep(str(shm_dir))) == ours
@@ -291,4 +300,88 @@ def test_sweep_never_touches_anything_outside_our_exact_name_pattern(shm_dir, tm
     for name in lookalikes:
         assert (shm_dir / name).read_bytes() == b"foreign"
     assert victim.read_bytes() == b"precious"
-    assert (shm_dir / "sub" / f"sglmmpre_{dead}_{'d' * 24}").read_bytes() == b"nested"
+    assert (shm_dir / "sub" / f"{stem}_{'d' * 24}").read_bytes() == b"nested"
+
+
+# --- two servers in different pid namespaces sharing one shm directory ------------------------
+
+UNSHARE = ["unshare", "--pid", "--fork", "--kill-child"]
+# Run directly, python is pid 1 of its namespace. Under this `sh -c` (pid 1), which first
+# uses up 200 pids, it is pid 202: above any thread id of a python process in another
+# namespace (kill(2) finds threads too, so a small pid would look alive there).
+UNDER_SH = ["sh", "-c", 'i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done; "$@"; exit $?',
+            "sh"]
+
+# A running server's tokenizer process: three segments in flight. /proc is the host's, so
+# /proc/self names its pid as the test sees it.
+LIVE_CREATOR_NAMING_HOST_PID = """
+from sglang_mmpre.transport.segment import SegmentWriter
+writers = [SegmentWriter(shm_dir, 4096) for _ in range(3)]
+print("READY", os.getpid(), os.readlink("/proc/self"), flush=True)
+sys.stdin.readline()
+"""
+
+# A second server starting on the same directory: TokenizerSide sweeps at start-up, then
+# holds a segment of its own while it serves. It first says whether the other creator's
+# pid (argv[2]) exists in its own namespace.
+SECOND_SERVER = """
+import json, torch
+from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+from sglang_mmpre.transport.liveness import sweep
+from mm_fixtures import shm_settings
+
+try:
+    os.kill(int(sys.argv[2]), 0)
+    print("OTHER-PID exists", flush=True)
+except ProcessLookupError:
+    print("OTHER-PID absent", flush=True)
+side = TokenizerSide(types.SimpleNamespace(tp_size=2, pp_size=1), shm_settings(shm_dir))
+item = MultimodalDataItem(modality=Modality.IMAGE, feature=torch.rand(64, 1176), offsets=[(3, 67)])
+writer = side.build({"mm_items": [item], "im_token_id": 261}).writer
+print("STARTED", os.getpid(), writer.name, flush=True)
+sys.stdin.readline()
+print("SWEPT", json.dumps(sweep(shm_dir)), flush=True)
+sys.stdin.readline()
+side.release(writer)
+print("HELD", side.held_bytes, flush=True)
+"""
+
+
+def _pid_namespaces_or_skip() -> None:
+    try:
+        probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) on this machine")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create pid namespaces here: {probe.stderr.strip()}")
+
+
+def test_server_in_another_pid_namespace_never_sweeps_a_live_creators_segments(
+    shm_dir, children
+):
+    """The names carry pids that mean nothing across namespaces: A's pid does not exist
+    in B's namespace. Liveness by pid would have B's start-up sweep delete A's segments;
+    A's lock file tells B that A is alive, and that it is dead once killed."""
+    _pid_namespaces_or_skip()
+    a = children(LIVE_CREATOR_NAMING_HOST_PID, str(shm_dir), wrapper=UNSHARE + UNDER_SH)
+    a_pid, a_host_pid = map(int, a.expect("READY").split())
+    a_names = segment_names(str(shm_dir))
+    assert len(a_names) == 3 and all(n.startswith(f"sglmmpre_{a_pid}_") for n in a_names)
+    a_lock = _lock_files(shm_dir)
+
+    b = children(SECOND_SERVER, str(shm_dir), str(a_pid), wrapper=UNSHARE)
+    assert b.expect("OTHER-PID") == "absent"  # by pid, B would judge A dead
+    b_pid, b_name = b.expect("STARTED").split()
+    assert int(b_pid) == 1 and b_name.startswith("sglmmpre_1_")
+    assert segment_names(str(shm_dir)) == sorted(a_names + [b_name]), "B's start-up swept A's"
+
+    os.kill(a_host_pid, signal.SIGKILL)
+    assert a.proc.wait() == 128 + signal.SIGKILL  # sh reports python's death, unshare passes it on
+    b.say("sweep")
+    assert sorted(json.loads(b.expect("SWEPT"))) == sorted(a_names + a_lock)
+    assert segment_names(str(shm_dir)) == [b_name]  # B's own segment: its creator lives
+    b.say("release")
+    assert b.expect("HELD") == "0"
+    assert b.proc.wait() == 0
+    assert os.listdir(shm_dir) == []  # B removed its lock file at its clean exit

@@ -31,6 +31,7 @@ from sglang_mmpre.transport.segment import SegmentWriter, segment_names
 
 from child_process import Child
 from scheduler_harness import SchedulerUnderTest
+from mm_fixtures import files_left
 from mm_requests import RecordingSocket
 
 CAP_LOGGER = "sglang_mmpre.tokenizer_side.manager"
@@ -157,7 +158,7 @@ def test_segment_creation_on_a_full_tmpfs_raises_allocation_error_and_leaves_no_
 ):
     with pytest.raises(SegmentAllocationError, match="shm-size"):
         SegmentWriter(small_tmpfs, 4 << 20)  # larger than the whole filesystem
-    assert os.listdir(small_tmpfs) == []
+    assert files_left(small_tmpfs) == []
 
 
 # A tokenizer process on the small tmpfs: one request larger than the filesystem, one when
@@ -171,7 +172,7 @@ class Keep(logging.Handler):
 logging.getLogger("sglang_mmpre").addHandler(Keep())
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
-from mm_fixtures import shm_settings
+from mm_fixtures import files_left, shm_settings
 from mm_requests import run_ranks, send_captured, tokenized_request
 
 side = TokenizerSide(types.SimpleNamespace(tp_size=2, pp_size=1), shm_settings(shm_dir))
@@ -187,7 +188,7 @@ def one(rows, rid):
     return {"via": via, "equal": all(torch.equal(r.multimodal_inputs.mm_items[0].feature, feature)
                                      for r in ranks if r.multimodal_inputs is not None),
             "aborts": [r.to_finish.message for r in ranks if r.to_finish is not None],
-            "left": sorted(os.listdir(shm_dir)), "held": side.held_bytes}
+            "left": files_left(shm_dir), "held": side.held_bytes}
 
 out = {"larger_than_fs": one(4100, "big")}
 print("FILL", flush=True)
@@ -211,7 +212,7 @@ def test_full_tmpfs_enospc_falls_back_inline_no_sigbus_no_leftover(small_tmpfs):
             f.write(b"\xab" * (st.f_bavail * st.f_frsize - (16 << 10)))
         child.say("filled")
         child.expect("FREE")
-        assert os.listdir(small_tmpfs) == ["foreign_filler"]
+        assert files_left(small_tmpfs) == ["foreign_filler"]
         with open(filler, "rb") as f:
             assert set(f.read()) == {0xAB}
         os.unlink(filler)

@@ -2,14 +2,15 @@
 every rank, and the next request is served; nothing outside our segments is ever opened.
 
 Each case takes a genuine request (materialized and sent by ``TokenizerSide`` for TP=3),
-forges it after it left the tokenizer, and runs the same pickle through three
+forges it after it left the tokenizer, and runs the same pickle through the entry rank's
+check (``vouch_for_segments``, as the patched ``recv_requests`` runs it) and three
 ``SchedulerUnderTest`` ranks (the real patched ``Scheduler.handle_generate_request``), as
 ``broadcast_pyobj`` hands every rank its own copy. The multi-process version (four gloo
 ranks) is ``test_forged_requests_abort_identically_on_four_rank_processes``.
 
 The hypothesis tests fuzz ``take_multimodal_inputs`` (and through it ``resolve``): it may
 return inputs or ``(None, "Invalid multimodal inputs: ...")``, nothing else, and it may
-open only ``<shm dir>/sglmmpre_<pid>_<24 hex>``.
+open only ``<shm dir>/sglmmpre_<pid>_<16 hex>_<24 hex>``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_mmpre.errors import SegmentAllocationError
-from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs
+from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs, vouch_for_segments
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
 from sglang_mmpre.transport.descriptors import SegmentDescriptor, TensorDescriptor
@@ -47,8 +48,8 @@ from mm_requests import (
 from scheduler_harness import SchedulerUnderTest
 
 TP = 3
-# Written out here, independently of descriptors.SEGMENT_NAME_RE.
-OUR_NAME = re.compile(r"sglmmpre_[1-9][0-9]{0,9}_[0-9a-f]{24}")
+# Written out here, independently of liveness.OWNED_NAME_RE.
+OUR_NAME = re.compile(r"sglmmpre_[1-9][0-9]{0,9}_[0-9a-f]{16}_[0-9a-f]{24}")
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -402,7 +403,7 @@ def test_segment_names_carry_96_unguessable_bits_and_nonces_16_random_bytes(shm_
         names.append(w.name)
         nonces.append(w.nonce)
         w.abandon()
-    pattern = re.compile(rf"sglmmpre_{os.getpid()}_([0-9a-f]{{24}})")
+    pattern = re.compile(rf"sglmmpre_{os.getpid()}_[0-9a-f]{{16}}_([0-9a-f]{{24}})")
     values = [int(pattern.fullmatch(n).group(1), 16) for n in names]
     assert len(set(values)) == 64 and len(set(nonces)) == 64
     assert all(len(n) == 16 for n in nonces)
@@ -420,7 +421,7 @@ def test_segment_creation_refuses_a_file_or_symlink_planted_at_its_name(
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     monkeypatch.setattr(secrets, "token_hex", lambda n: "ab" * n)  # a guessed name
-    planted = shm_dir / f"sglmmpre_{os.getpid()}_{'ab' * 12}"
+    planted = shm_dir / f"sglmmpre_{os.getpid()}_{'ab' * 8}_{'ab' * 12}"
     os.symlink(victim, planted)
     with pytest.raises(SegmentAllocationError):
         SegmentWriter(str(shm_dir), 4096)
@@ -486,8 +487,10 @@ def immortal(side, shm_dir):
 
 
 def _take(m, recorder) -> tuple:
+    """What a rank makes of ``m`` once the entry rank has vouched for it (recv_requests)."""
     recv = types.SimpleNamespace(materialized_mm_inputs=m, mm_inputs=None)
     with recorder.active():
+        vouch_for_segments([recv])
         return take_multimodal_inputs(SchedulerUnderTest(tp_size=TP), recv)
 
 
@@ -512,11 +515,12 @@ def test_fuzzed_segment_descriptor_yields_result_or_abort_and_opens_only_segment
     strategies = {
         "name": st.one_of(
             st.text(max_size=40),
-            st.from_regex(r"sglmmpre_[0-9]{1,11}_[0-9a-fA-F]{22,26}\n?", fullmatch=True),
+            st.from_regex(r"sglmmpre_[0-9]{1,11}_[0-9a-fA-F]{15,17}_[0-9a-fA-F]{22,26}\n?",
+                          fullmatch=True),
             st.sampled_from(["../" + real.name, "./" + real.name, real.name + "\n",
                              real.name + "/", "/etc/passwd", "../../../etc/passwd",
                              real.name.upper(), real.name[:-1], f"{real.name}\x00",
-                             "sglmmpre_1_" + "0" * 24]),
+                             "sglmmpre_1_" + "0" * 16 + "_" + "0" * 24]),
             _anything),
         "payload_nbytes": st.one_of(st.integers(-(1 << 70), 1 << 70),
                                     st.integers(real.payload_nbytes - 70, real.payload_nbytes + 70),

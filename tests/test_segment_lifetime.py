@@ -17,9 +17,10 @@ from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
 from sglang_mmpre.scheduler_side.resolve import resolve
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 from sglang_mmpre.transport.descriptors import SegmentDescriptor
-from sglang_mmpre.transport.segment import SegmentWriter, map_segment, segment_names, sweep
+from sglang_mmpre.transport.liveness import sweep
+from sglang_mmpre.transport.segment import SegmentWriter, map_segment, segment_names
 
-from mm_fixtures import image_mm_dict, shm_settings
+from mm_fixtures import files_left, image_mm_dict, shm_settings
 
 
 def _writer(shm_dir, nbytes=4096):
@@ -92,32 +93,37 @@ def test_failed_construction_leaves_no_file(shm_dir, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(SegmentAllocationError, match="shm-size"):
         SegmentWriter(str(shm_dir), 1 << 20)
-    assert os.listdir(shm_dir) == []
+    assert files_left(shm_dir) == []
 
 
 def test_segment_file_is_private_to_its_user(shm_dir):
     w = _writer(shm_dir)
     assert (os.stat(w.path).st_mode & 0o777) == 0o600
     w.abandon()
-    assert os.listdir(shm_dir) == []
+    assert files_left(shm_dir) == []
 
 
-def test_sweep_removes_dead_creators_only(shm_dir):
+def test_sweep_removes_dead_creators_files_and_lock_only(shm_dir):
     child = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from sglang_mmpre.transport.segment import SegmentWriter;"
-         "w = SegmentWriter(sys.argv[1], 128); print(w.name)", str(shm_dir)],
+         "import os, sys; from sglang_mmpre.transport.segment import SegmentWriter;"
+         "w = SegmentWriter(sys.argv[1], 128); print(w.name); os._exit(0)", str(shm_dir)],
         check=True, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
-    dead = child.stdout.strip()
+    dead = child.stdout.strip()  # os._exit: no clean-up ran, as after a crash
+    dead_lock = dead.rsplit("_", 1)[0] + ".lock"
     live = _writer(shm_dir)
+    live_lock = live.name.rsplit("_", 1)[0] + ".lock"
     foreign = shm_dir / "not_ours_123"
     foreign.write_bytes(b"x")
     lookalike = shm_dir / "sglmmpre_1_zz"
     lookalike.write_bytes(b"x")
-    assert sweep(str(shm_dir)) == [dead]
-    assert sorted(os.listdir(shm_dir)) == sorted([live.name, "not_ours_123", "sglmmpre_1_zz"])
+    assert sorted(os.listdir(shm_dir)) == sorted(
+        [dead, dead_lock, live.name, live_lock, "not_ours_123", "sglmmpre_1_zz"])
+    assert sweep(str(shm_dir)) == [dead, dead_lock]
+    assert sorted(os.listdir(shm_dir)) == sorted(
+        [live.name, live_lock, "not_ours_123", "sglmmpre_1_zz"])
     live.abandon()
 
 
@@ -243,5 +249,5 @@ def test_abandon_unlinks_even_while_a_view_of_the_payload_is_alive(shm_dir):
     w = SegmentWriter(str(shm_dir), 4096)
     view = torch.frombuffer(w.payload, dtype=torch.uint8)
     w.abandon()
-    assert os.listdir(shm_dir) == []
+    assert files_left(shm_dir) == []
     del view

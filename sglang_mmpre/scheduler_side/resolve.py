@@ -5,12 +5,29 @@ zero-copy views into a private copy-on-write mapping, whatever the feature size.
 no copy, no ``from_dict``, no collective.
 
 Every refusal depends only on the descriptors and the segment's bytes, so all ranks that
-receive the same request refuse it the same way (see ``MultimodalTransportError``).
+receive the same request refuse it the same way (see ``MultimodalTransportError``). The
+one fact that can change between two ranks' looks, whether the file still exists, is
+decided once by the entry rank; see Note [verdicts decided once].
+
+Note [verdicts decided once]: a segment can be deleted from outside at any moment
+(``rm /dev/shm/*``, systemd's ``RemoveIPC=yes``, a cleanup job). If rank 0 mapped it and
+rank 1 then found it gone, rank 0 would serve the request and rank 1 abort it: their
+batches differ and the next collective hangs. So the entry rank, in ``recv_requests``
+before ``broadcast_pyobj``, checks each segment (:func:`vouch`) and writes its verdict into
+the request, and every rank follows it:
+
+- refused (missing, no valid header, not our nonce): every rank aborts with the entry
+  rank's message, after dropping its reference if the segment is still there;
+- vouched: every rank maps it. A rank that then can't open or map it raises
+  :class:`SegmentVanishedError`, which stops the scheduler (sglang tears the server
+  down) instead of aborting on that rank alone. No collective could make that rank
+  agree without costing one per request, which is what this project removes.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import mmap
 import struct
 from typing import Any
@@ -18,25 +35,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from sglang_mmpre.errors import MultimodalTransportError
+from sglang_mmpre.errors import (
+    MultimodalTransportError,
+    SegmentUnreachableError,
+    SegmentVanishedError,
+)
 from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
 from sglang_mmpre.transport.descriptors import (
-    SEGMENT_NAME_RE,
     SegmentDescriptor,
     TensorDescriptor,
     numpy_dtype,
     table_digest,
     torch_dtype,
 )
-from sglang_mmpre.transport.segment import HEADER_SIZE, map_segment
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE
+from sglang_mmpre.transport.segment import HEADER_SIZE, map_segment, probe_segment
 
-__all__ = ["resolve"]
+__all__ = ["vouch", "resolve"]
 
 
 def _check_segment(seg: Any) -> None:
     if not isinstance(seg, SegmentDescriptor):
         raise MultimodalTransportError(f"malformed segment descriptor {type(seg).__name__}")
-    if not isinstance(seg.name, str) or not SEGMENT_NAME_RE.match(seg.name):
+    if not isinstance(seg.name, str) or not OWNED_NAME_RE.match(seg.name):
         raise MultimodalTransportError(f"refused segment name {seg.name!r}: not ours")
     if not isinstance(seg.nonce, bytes) or len(seg.nonce) != 16:
         raise MultimodalTransportError("malformed segment nonce")
@@ -109,6 +130,51 @@ def _copy_for_views(inputs: Any) -> Any:
     return new
 
 
+def vouch(m: Any, shm_dir: str) -> None:
+    """Entry rank only: decide whether ``m``'s segment can be used, before the broadcast.
+
+    Sets ``m.vouched`` (it exists, with a valid header and ``m``'s nonce) or ``m.refusal``
+    (why not), overwriting whatever came over the wire; see Note [verdicts decided once].
+    Touches no reference count and never raises for a bad descriptor: a malformed one is
+    left unvouched, and every rank refuses it alike without opening anything.
+    """
+    if not isinstance(m, MaterializedMultimodalInputs):
+        return
+    m.vouched, m.refusal = False, None
+    if m.segment is None:
+        return
+    try:
+        _check_segment(m.segment)
+    except MultimodalTransportError:
+        return
+    try:
+        probe_segment(shm_dir, m.segment)
+    except MultimodalTransportError as e:
+        m.refusal = str(e)
+    else:
+        m.vouched = True
+
+
+def _vanished(shm_dir: str, e: SegmentUnreachableError) -> SegmentVanishedError:
+    if e.errno != errno.ENOENT:
+        return SegmentVanishedError(
+            f"{e}, though the entry rank could open it: this rank is short of a resource "
+            "the others had. Aborting the request on this rank alone would split the ranks' "
+            "batches and hang the next collective, so this scheduler stops. Fix: raise the "
+            "open-file limit (ulimit -n) or free memory on this node."
+        )
+    return SegmentVanishedError(
+        f"{e}, though the entry rank found it intact moments ago. Something deleted files "
+        f"under {shm_dir} while they were in use: systemd-logind with RemoveIPC=yes (the "
+        "server's user logged out), a cleanup job or an 'rm' of the directory, or a server "
+        "in another pid namespace running an sglang_mmpre that judged liveness by pid. "
+        "Aborting the request on this rank alone would split the ranks' batches and hang "
+        "the next collective, so this scheduler stops. Fix: set RemoveIPC=no in "
+        "/etc/systemd/logind.conf or run the server as a system user, keep cleanup jobs "
+        "away from sglmmpre_* files, or give this server its own SGLANG_MM_SHM_DIR."
+    )
+
+
 def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     """Return the ``MultimodalInputs`` carried by ``m``, dropping this rank's reference.
 
@@ -148,18 +214,26 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
         # A field of a type or range the tokenizer never writes: a digest that matches no
         # header, so map_segment refuses it and still drops our reference.
         digest = b""
-    if seg.consumers != expected_consumers:
+    refusal = m.refusal
+    if refusal is None and seg.consumers != expected_consumers:
+        refusal = (
+            f"request was counted for {seg.consumers} consuming ranks but this server has "
+            f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
+        )
+    if refusal is not None:
         # Drop our reference if the segment is still there, but give every rank the same
-        # verdict: with a wrong count, early ranks may already have unlinked it.
+        # verdict: early ranks may already have unlinked it.
         try:
             map_segment(shm_dir, seg, digest)
         except MultimodalTransportError:
             pass
-        raise MultimodalTransportError(
-            f"request was counted for {seg.consumers} consuming ranks but this server has "
-            f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
-        )
-    mapping = map_segment(shm_dir, seg, digest)
+        raise MultimodalTransportError(refusal)
+    try:
+        mapping = map_segment(shm_dir, seg, digest)
+    except SegmentUnreachableError as e:
+        if m.vouched:
+            raise _vanished(shm_dir, e) from e
+        raise
     for desc in table:
         _check_tensor(desc, seg.payload_nbytes)
     _check_item_hashes(inputs)

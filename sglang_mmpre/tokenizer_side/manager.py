@@ -31,7 +31,8 @@ from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm
 from sglang_mmpre.errors import SegmentAllocationError
 from sglang_mmpre.tokenizer_side.materialize import materialize, pack, plan
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
-from sglang_mmpre.transport.segment import SegmentWriter, sweep
+from sglang_mmpre.transport.liveness import sweep
+from sglang_mmpre.transport.segment import SegmentWriter
 
 __all__ = ["TokenizerSide", "RequestScope"]
 
@@ -60,11 +61,21 @@ class RequestScope:
         self._side.release(writer)
 
     def close(self) -> None:
+        """Release every segment, even if one release raises; then raise the first error."""
         with self._lock:
             self.closed = True
             writers, self._writers = self._writers, []
+        first: Optional[BaseException] = None
         for writer in writers:
-            self._side.release(writer)
+            try:
+                self._side.release(writer)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, once all are released
+                if first is None:
+                    first = e
+                else:
+                    logger.exception("sglang_mmpre: releasing segment %s failed", writer.name)
+        if first is not None:
+            raise first
 
 
 class TokenizerSide:
@@ -140,11 +151,14 @@ class TokenizerSide:
             self._held_bytes -= nbytes
 
     def release(self, writer: SegmentWriter) -> None:
-        """Drop a segment's creator reference (idempotent)."""
+        """Drop a segment's creator reference (idempotent); its bytes leave the cap even if
+        that raises."""
         if writer.released:
             return
-        writer.release()
-        self._uncount(writer.payload_nbytes)
+        try:
+            writer.release()
+        finally:
+            self._uncount(writer.payload_nbytes)
 
     async def materialize_request(self, tokenized_obj: Any) -> Any:
         """Replace the raw multimodal dict of ``tokenized_obj`` by materialized inputs.

@@ -73,12 +73,15 @@ def walk_tensors(inputs: Any, fn: Callable[[Leaf, Optional[int]], Leaf]) -> None
 class MaterializedMultimodalInputs:
     """Pre-materialized multimodal inputs of one request (see the module docstring).
 
-    Only ``inputs`` and ``segment`` are pickled. The tokenizer side keeps its
-    ``SegmentWriter`` in ``writer`` (never pickled); the scheduler side marks the object
-    ``resolved`` so that a reference is dropped once per rank and request.
+    Pickled: ``inputs``, ``segment`` and the entry rank's verdict on the segment
+    (``vouched``: it exists with a valid header and its nonce; ``refusal``: why not). The
+    entry rank sets both in ``recv_requests``, before ``broadcast_pyobj`` hands every rank
+    its copy, so every rank follows one verdict (``resolve.vouch``). The tokenizer side
+    keeps its ``SegmentWriter`` in ``writer`` (never pickled); the scheduler side marks
+    the object ``resolved`` so that a reference is dropped once per rank and request.
     """
 
-    __slots__ = ("inputs", "segment", "writer", "resolved")
+    __slots__ = ("inputs", "segment", "writer", "resolved", "vouched", "refusal")
 
     def __init__(self, inputs: Any, segment: Optional[SegmentDescriptor] = None,
                  writer: Any = None) -> None:
@@ -86,12 +89,14 @@ class MaterializedMultimodalInputs:
         self.segment = segment
         self.writer = writer
         self.resolved = False
+        self.vouched = False
+        self.refusal: Optional[str] = None
 
     def __getstate__(self):
-        return (self.inputs, self.segment)
+        return (self.inputs, self.segment, self.vouched, self.refusal)
 
     def __setstate__(self, state) -> None:
-        self.inputs, self.segment = state
+        self.inputs, self.segment, self.vouched, self.refusal = state
         self.writer = None
         self.resolved = False
 

@@ -9,7 +9,6 @@ values, a few dozen bytes each once pickled, whatever the tensor's size.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -18,8 +17,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "SEGMENT_PREFIX",
-    "SEGMENT_NAME_RE",
     "TensorDescriptor",
     "SegmentDescriptor",
     "dtype_name",
@@ -27,11 +24,6 @@ __all__ = [
     "numpy_dtype",
     "table_digest",
 ]
-
-SEGMENT_PREFIX = "sglmmpre_"
-# prefix, creator pid, 96 random bits: no path separator can ever match. \Z, not $:
-# $ also matches before a trailing newline, which would let "<name>\n" pass.
-SEGMENT_NAME_RE = re.compile(r"^sglmmpre_([1-9][0-9]{0,9})_([0-9a-f]{24})\Z")
 
 # dtypes that may travel; anything else travels inline.
 _TORCH_DTYPES = {

@@ -12,6 +12,9 @@ Owner / writer / readers / who unlinks
   one *consumer reference*.
 - **Who unlinks**: whoever drops the last reference, under the segment's ``flock``. That
   is exactly once, and only after every consumer has mapped it. No collective is involved.
+  If something else deleted the file first (``rm /dev/shm/*``, systemd's ``RemoveIPC``),
+  that unlink finds nothing and the reference still counts as dropped; mappings and open
+  fds keep the pages until they go.
 
 Lifetime protocol (``refcount`` in the header, changed only under ``flock(LOCK_EX)``)::
 
@@ -36,8 +39,9 @@ Byte layout (little endian; the payload starts at byte 64, each tensor 64-byte a
 ``digest`` is :func:`descriptors.table_digest` of the descriptor table; a rank compares it
 with the one it computes from the descriptors it received.
 
-Names are ``sglmmpre_<creator pid>_<96 random bits in hex>``. :func:`sweep` unlinks the
-segments whose creator process is dead, and nothing else.
+Names are ``<creator stem>_<96 random bits in hex>``, the stem being
+``sglmmpre_<creator pid>_<64 random bits in hex>`` (``liveness.new_name``):
+``liveness.sweep`` unlinks them once their creator is dead, and nothing else.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hmac
-import logging
 import mmap
 import os
 import secrets
@@ -53,20 +56,23 @@ import stat
 import struct
 from typing import Optional
 
-from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
-from sglang_mmpre.transport.descriptors import SEGMENT_NAME_RE, SEGMENT_PREFIX, SegmentDescriptor
+from sglang_mmpre.errors import (
+    MultimodalTransportError,
+    SegmentAllocationError,
+    SegmentUnreachableError,
+)
+from sglang_mmpre.transport.descriptors import SegmentDescriptor
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE, new_name
 
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
     "SegmentWriter",
+    "probe_segment",
     "map_segment",
-    "sweep",
     "segment_names",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAGIC = b"SGLMMPR1"
 VERSION = 1
@@ -83,7 +89,7 @@ _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC"
 
 
 def _path(shm_dir: str, name: str) -> str:
-    if not SEGMENT_NAME_RE.match(name):
+    if not OWNED_NAME_RE.match(name):
         raise MultimodalTransportError(
             f"refused segment name {name!r}: not a sglang_mmpre segment name"
         )
@@ -102,7 +108,10 @@ def _adjust_refcount(fd: int, path: str, delta: int) -> int:
         count += delta
         os.pwrite(fd, _REFCOUNT.pack(count), _REFCOUNT_OFFSET)
         if count == 0:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # deleted from outside already: nothing left to do
         return count
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -123,17 +132,17 @@ class SegmentWriter:
     _released: bool = False
 
     def __init__(self, shm_dir: str, payload_nbytes: int) -> None:
-        self.name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
-        self.path = os.path.join(shm_dir, self.name)
         self.payload_nbytes = int(payload_nbytes)
         self.nonce = secrets.token_bytes(16)
         total = HEADER_SIZE + self.payload_nbytes
         try:
+            self.name = new_name(shm_dir)  # holds this process's creator lock
+            self.path = os.path.join(shm_dir, self.name)
             self._fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise SegmentAllocationError(
-                f"cannot create {self.path}: {e.strerror}. Check that {shm_dir} exists and "
-                "is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
+                f"cannot create a segment in {shm_dir}: {e.strerror}. Check that {shm_dir} "
+                "exists and is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
             ) from e
         try:
             try:
@@ -217,55 +226,88 @@ class SegmentWriter:
         self._destroy()
 
 
-def map_segment(shm_dir: str, seg: SegmentDescriptor, digest: bytes) -> mmap.mmap:
-    """Map ``seg`` privately (copy-on-write) and drop one consumer reference.
+def _open_ours(shm_dir: str, seg: SegmentDescriptor) -> tuple[int, os.stat_result, tuple]:
+    """Open ``seg`` and check that it is a segment and carries ``seg``'s nonce.
 
-    ``digest`` is the table digest computed from the descriptors this rank received. The
-    returned mapping covers header and payload. Raises :class:`MultimodalTransportError`
-    for a forged, stale or inconsistent descriptor; the reference is dropped whenever the
-    segment is ours (nonce matches), so a refused request leaks nothing.
+    Returns ``(fd, stat, header fields)``; the caller closes ``fd``. Raises
+    :class:`SegmentUnreachableError` when it can't be opened (gone, or refused by the
+    OS), :class:`MultimodalTransportError` when it is not ours.
     """
     path = _path(shm_dir, seg.name)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
-        raise MultimodalTransportError(
-            f"segment {seg.name} does not exist (already consumed, swept, or never created)"
+        raise SegmentUnreachableError(
+            f"segment {seg.name} does not exist (already consumed, swept, deleted from "
+            "outside, or never created)", errno.ENOENT
         ) from None
     except OSError as e:
-        raise MultimodalTransportError(f"cannot open segment {seg.name}: {e.strerror}") from e
+        raise SegmentUnreachableError(
+            f"cannot open segment {seg.name}: {e.strerror}", e.errno
+        ) from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
             raise MultimodalTransportError(f"segment {seg.name} is truncated or not a file")
-        magic, version, hdr, payload_nbytes, _, nonce, stored_digest = HEADER.unpack(
-            os.pread(fd, HEADER_SIZE, 0)
-        )
+        header = HEADER.unpack(os.pread(fd, HEADER_SIZE, 0))
+        magic, version, hdr, _, _, nonce, _ = header
         if magic != MAGIC or version != VERSION or hdr != HEADER_SIZE:
             raise MultimodalTransportError(f"segment {seg.name} has no valid header")
         if not hmac.compare_digest(nonce, bytes(seg.nonce)):
             raise MultimodalTransportError(
                 f"descriptor does not belong to segment {seg.name} (nonce mismatch)"
             )
+        return fd, st, header
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def probe_segment(shm_dir: str, seg: SegmentDescriptor) -> None:
+    """Check that ``seg`` exists with a valid header and its nonce; touch nothing.
+
+    What the entry rank vouches for (``resolve.vouch``). Raises as :func:`map_segment`.
+    """
+    os.close(_open_ours(shm_dir, seg)[0])
+
+
+def map_segment(shm_dir: str, seg: SegmentDescriptor, digest: bytes) -> mmap.mmap:
+    """Map ``seg`` privately (copy-on-write) and drop one consumer reference.
+
+    ``digest`` is the table digest computed from the descriptors this rank received. The
+    returned mapping covers header and payload. Raises :class:`MultimodalTransportError`
+    for a forged, stale or inconsistent descriptor, and its subclass
+    :class:`SegmentUnreachableError` when the file can't be opened or mapped here. The
+    reference is dropped whenever the segment is ours (nonce matches), so a refused
+    request leaks nothing.
+    """
+    fd, st, header = _open_ours(shm_dir, seg)
+    _, _, _, payload_nbytes, _, _, stored_digest = header
+    try:
         # From here on the segment is ours: drop the reference even if we refuse it.
-        problem = None
+        problem: Optional[MultimodalTransportError] = None
+        mapping = None
         if payload_nbytes != seg.payload_nbytes or st.st_size != HEADER_SIZE + payload_nbytes:
-            problem = (
+            problem = MultimodalTransportError(
                 f"segment {seg.name} is truncated or resized: {st.st_size} bytes, "
                 f"descriptor says {HEADER_SIZE + seg.payload_nbytes}"
             )
         elif not hmac.compare_digest(stored_digest, digest):
-            problem = (
+            problem = MultimodalTransportError(
                 f"descriptors of segment {seg.name} do not match its header "
                 "(wrong dtype, shape, nbytes, offset or hash)"
             )
-        mapping = None
-        if problem is None:
-            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        _adjust_refcount(fd, path, -1)
+        else:
+            try:
+                mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                problem = SegmentUnreachableError(
+                    f"cannot map segment {seg.name}: {e.strerror}", e.errno
+                )
+        _adjust_refcount(fd, _path(shm_dir, seg.name), -1)
         if problem is not None:
-            raise MultimodalTransportError(problem)
+            raise problem
         return mapping
     finally:
         os.close(fd)
@@ -277,45 +319,4 @@ def segment_names(shm_dir: str) -> list[str]:
         entries = os.listdir(shm_dir)
     except FileNotFoundError:
         return []
-    return sorted(n for n in entries if SEGMENT_NAME_RE.match(n))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep(shm_dir: str) -> list[str]:
-    """Unlink segments whose creator process is dead; return their names.
-
-    Only regular files whose names match our prefix and pattern are considered, and a
-    segment whose creator is alive (a running server's) is never touched.
-    """
-    removed = []
-    for name in segment_names(shm_dir):
-        pid = int(SEGMENT_NAME_RE.match(name).group(1))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        path = os.path.join(shm_dir, name)
-        try:
-            # We only ever create regular files: a directory, link or fifo is not ours.
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue
-            os.unlink(path)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # pragma: no cover - permissions of a foreign file
-            if e.errno not in (errno.EPERM, errno.EACCES, errno.EISDIR):
-                raise
-    if removed:
-        logger.warning(
-            "sglang_mmpre: removed %d shared-memory segment(s) left by dead processes in %s",
-            len(removed), shm_dir,
-        )
-    return removed
+    return sorted(n for n in entries if OWNED_NAME_RE.match(n))
