@@ -43,8 +43,8 @@ pytestmark = [pytest.mark.real_server, pytest.mark.timeout(1200)]
 # -- servers ------------------------------------------------------------------------------
 def _stop_and_check(server: RealServer) -> None:
     server.stop()
-    left = segment_files(server.shm_dir)
-    assert left == [], f"segments left after the server stopped: {left}"
+    left = segment_files(server.shm_dir, with_locks=True)
+    assert left == [], f"files of ours left after the server stopped: {left}"
     assert not server.shm_dir.exists(), "the server's shm directory was not emptied"
 
 

@@ -85,6 +85,6 @@ def test_kill_9_under_load_then_restart_sweep_restores_shm_and_tp1_matches_as_sh
             restarted.stop()
         assert sorted(os.listdir(shm)) == before
     finally:
-        for name in segment_files(shm):
+        for name in segment_files(shm, with_locks=True):
             os.unlink(shm / name)
         shm.rmdir()

@@ -31,7 +31,7 @@ from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm
 from sglang_mmpre.errors import SegmentAllocationError
 from sglang_mmpre.tokenizer_side.materialize import materialize, pack, plan
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
-from sglang_mmpre.transport.liveness import sweep
+from sglang_mmpre.transport import liveness
 from sglang_mmpre.transport.segment import SegmentWriter
 
 __all__ = ["TokenizerSide", "RequestScope"]
@@ -94,7 +94,7 @@ class TokenizerSide:
         self._held_bytes = 0
         self._warned: set[str] = set()
         if self.settings.enabled:
-            sweep(self.settings.shm_dir)
+            liveness.sweep(self.settings.shm_dir)
 
     # -- materialization -------------------------------------------------------------
     @property
@@ -241,5 +241,9 @@ class TokenizerSide:
             scope.close()
 
     def shutdown(self) -> None:
+        """Stop the worker threads and remove this process's lock file if no file of ours
+        is left. The patched ``sigterm_watchdog`` calls it once every request has drained,
+        right before sglang kills its own process tree (where no ``atexit`` runs)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        liveness.release_held()

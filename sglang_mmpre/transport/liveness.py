@@ -11,8 +11,9 @@ Owner / writer / readers / who unlinks (the creator's lock file, ``<stem>.lock``
 - **Readers**: :func:`creator_alive` and :func:`sweep`, in any process that shares the
   directory (a server starting up, in this or another pid namespace). A creator is dead
   when its lock can be taken with ``LOCK_EX | LOCK_NB``.
-- **Who unlinks**: the creator itself at a clean exit (``atexit``) if none of its files is
-  left; otherwise the sweep that took the lock, after the creator's files. If something
+- **Who unlinks**: the creator itself when it shuts down (:func:`release_held`: at
+  ``atexit``, and from ``TokenizerSide.shutdown`` before sglang kills its own process tree)
+  if none of its files is left; otherwise the sweep that took the lock, after the creator's files. If something
   else deletes it while its creator lives (``rm /dev/shm/*``, systemd's ``RemoveIPC``),
   the creator makes it again before its next file; meanwhile a creator whose lock file
   is missing counts as alive (a leak at worst, never an early unlink).
@@ -37,7 +38,15 @@ import stat
 import threading
 from typing import Optional
 
-__all__ = ["OWNED_NAME_RE", "LOCK_NAME_RE", "creator_stem", "new_name", "creator_alive", "sweep"]
+__all__ = [
+    "OWNED_NAME_RE",
+    "LOCK_NAME_RE",
+    "creator_stem",
+    "new_name",
+    "creator_alive",
+    "sweep",
+    "release_held",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +200,9 @@ def sweep(shm_dir: str) -> list[str]:
     return removed
 
 
-def _release_at_exit() -> None:
-    """At a clean exit, remove each lock file that no file of ours still needs."""
+def release_held() -> None:
+    """Remove each lock file of this process that no file of ours still needs, and drop
+    its lock. Call it only when this process will create no more files (shutdown)."""
     for directory, (stem, fd) in list(_held.items()):
         try:
             if not any(n.startswith(stem + "_") for n in os.listdir(directory)):
@@ -215,5 +225,5 @@ def _forget_in_child() -> None:
     _held.clear()
 
 
-atexit.register(_release_at_exit)
+atexit.register(release_held)
 os.register_at_fork(after_in_child=_forget_in_child)

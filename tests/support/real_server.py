@@ -126,12 +126,15 @@ def sglang_site(scheme: str, root: Path) -> Optional[Path]:
     return site
 
 
-def segment_files(shm_dir: Path) -> list[str]:
-    """Names of this project's segment files in ``shm_dir``."""
+def segment_files(shm_dir: Path, with_locks: bool = False) -> list[str]:
+    """Names of this project's data files (segments, regions) in ``shm_dir``; with
+    ``with_locks``, its creators' lock files too (each live creator holds one)."""
     try:
-        return sorted(n for n in os.listdir(shm_dir) if n.startswith("sglmmpre_"))
+        names = os.listdir(shm_dir)
     except FileNotFoundError:
         return []
+    return sorted(n for n in names if n.startswith("sglmmpre_")
+                  and (with_locks or not n.endswith(".lock")))
 
 
 _SGLANG_SHM_PREFIXES = ("psm_", "sem.mp-")
