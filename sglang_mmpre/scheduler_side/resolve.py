@@ -1,8 +1,10 @@
 """Rebuild a request's ``MultimodalInputs`` on a scheduler rank from its descriptors.
 
-Cost per request: one ``open``/``flock``/``mmap``/``close`` of the segment and a table of
-zero-copy views into a private copy-on-write mapping, whatever the feature size. No hash,
-no copy, no ``from_dict``, no collective.
+Cost per request, whatever the feature size: for slots of a warm region, one locked read of
+their table entries and zero-copy views into the mapping this process keeps
+(``region_cache``); for a fallback segment, one ``open``/``flock``/``mmap``/``close`` and
+views into a private copy-on-write mapping. No hash, no copy, no ``from_dict``, no
+collective.
 
 Every refusal depends only on the descriptors and the segment's bytes, so all ranks that
 receive the same request refuse it the same way (see ``MultimodalTransportError``).
@@ -19,12 +21,17 @@ import numpy as np
 import torch
 
 from sglang_mmpre.errors import MultimodalTransportError
+from sglang_mmpre.scheduler_side.region_cache import attach
 from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
 from sglang_mmpre.transport.descriptors import (
     SEGMENT_NAME_RE,
+    RegionDescriptor,
     SegmentDescriptor,
+    SlotRef,
     TensorDescriptor,
     numpy_dtype,
+    slot_digest,
+    slot_of,
     table_digest,
     torch_dtype,
 )
@@ -44,7 +51,7 @@ def _check_segment(seg: Any) -> None:
         raise MultimodalTransportError("malformed segment size")
 
 
-def _check_tensor(desc: TensorDescriptor, payload_nbytes: int) -> None:
+def _check_tensor(desc: TensorDescriptor, payload_nbytes: int, base: int = 0) -> None:
     try:
         expected = desc.expected_nbytes()
     except (KeyError, ValueError, TypeError) as e:
@@ -54,7 +61,8 @@ def _check_tensor(desc: TensorDescriptor, payload_nbytes: int) -> None:
             f"tensor descriptor nbytes {desc.nbytes} does not match dtype {desc.dtype} and "
             f"shape {desc.shape} ({expected} bytes)"
         )
-    if not isinstance(desc.offset, int) or desc.offset < 0 or desc.offset + desc.nbytes > payload_nbytes:
+    if (not isinstance(desc.offset, int) or desc.offset < base
+            or desc.offset + desc.nbytes > base + payload_nbytes):
         raise MultimodalTransportError(
             f"tensor descriptor [{desc.offset}, +{desc.nbytes}) lies outside the segment payload "
             f"of {payload_nbytes} bytes"
@@ -139,6 +147,8 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
         if table:
             raise MultimodalTransportError("tensor descriptors without a segment")
         return inputs
+    if isinstance(seg, RegionDescriptor):
+        return _resolve_slots(inputs, seg, table, expected_consumers, shm_dir)
     _check_segment(seg)
     # The digest covers every descriptor; checks that would refuse the request are made
     # after map_segment has dropped our reference, so a refusal leaks nothing.
@@ -165,4 +175,118 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     _check_item_hashes(inputs)
     resolved = _copy_for_views(inputs)
     walk_tensors(resolved, lambda leaf, _h: _view(mapping, leaf) if isinstance(leaf, TensorDescriptor) else leaf)
+    return resolved
+
+
+# -- slots of a warm region ----------------------------------------------------------------
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_slot_refs(desc: RegionDescriptor) -> tuple[SlotRef, ...]:
+    slots = desc.slots
+    if not isinstance(slots, tuple) or not slots or not all(
+        isinstance(r, SlotRef) and _is_count(r.index) and _is_count(r.generation)
+        and _is_count(r.offset) and _is_count(r.nbytes) for r in slots
+    ) or len({r.index for r in slots}) != len(slots):
+        raise MultimodalTransportError("malformed slot references")
+    return slots
+
+
+def _group_by_slot(refs, table: list, inputs: Any) -> tuple[dict, dict, "str | None"]:
+    """Each tensor descriptor's slot, the distinct descriptors of each slot (walk order),
+    and the first problem that the descriptors alone show (the same on every rank)."""
+    where: dict[int, SlotRef] = {}
+    groups: dict[int, list] = {r.index: [] for r in refs}
+    try:
+        for t in table:
+            ref = slot_of(refs, t) if isinstance(t.offset, int) else None
+            if ref is None:
+                return where, groups, f"tensor descriptor at {t.offset!r} lies outside its slots"
+            _check_tensor(t, ref.nbytes, base=ref.offset)
+            where[id(t)] = ref
+            if t not in groups[ref.index]:
+                groups[ref.index].append(t)
+        _check_item_hashes(inputs)
+    except MultimodalTransportError as e:
+        return where, groups, str(e)
+    except Exception as e:  # a forged field whose comparison itself fails
+        return where, groups, f"malformed tensor descriptor: {type(e).__name__}"
+    return where, groups, None
+
+
+def _digest_or_empty(ref: SlotRef, tensors: list) -> bytes:
+    try:
+        return slot_digest(ref, tensors)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return b""
+
+
+def _slot_view(lease: np.ndarray, desc: TensorDescriptor, base: int) -> Any:
+    start = desc.offset - base
+    if desc.kind == "numpy":
+        dtype = numpy_dtype(desc.dtype)
+        return lease[start:start + desc.nbytes].view(dtype).reshape(desc.shape)
+    dtype = torch_dtype(desc.dtype)
+    if desc.nbytes == 0:
+        return torch.empty(desc.shape, dtype=dtype)
+    raw = torch.frombuffer(lease, dtype=torch.uint8, count=desc.nbytes, offset=start)
+    return raw.view(dtype).view(desc.shape)
+
+
+def _resolve_slots(inputs: Any, desc: RegionDescriptor, table: list,
+                   expected_consumers: int, shm_dir: str) -> Any:
+    """Views into the slots of a warm region; this rank's references stay held by the
+    views' lease (see Note [slot isolation] in ``region_cache``).
+
+    Refusals that the descriptors alone decide come first (topology, bounds, hashes), then
+    the slot table's (stale generation or no references left, then a table digest that
+    differs); a reference that is ours (generation matches, references left) is dropped
+    on every refusal, so a refused request leaks nothing.
+    """
+    refs = _check_slot_refs(desc)
+    region = attach(shm_dir, desc.name, desc.nonce)
+    if any(r.index >= region.slot_count for r in refs):
+        raise MultimodalTransportError(f"slot index out of range for region {desc.name}")
+    problem = None
+    if desc.consumers != expected_consumers:
+        problem = (
+            f"request was counted for {desc.consumers} consuming ranks but this server has "
+            f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
+        )
+    where, groups, found = _group_by_slot(refs, table, inputs)
+    problem = problem or found
+    digests = {r.index: _digest_or_empty(r, groups[r.index]) for r in refs}
+    with region.table.locked():
+        entries = [region.table.read(r.index) for r in refs]
+        ours = [r for r, e in zip(refs, entries) if e.generation == r.generation and e.refcount > 0]
+        if problem is None and len(ours) < len(refs):
+            problem = (
+                f"stale slot reference into region {desc.name}: the slot was released or "
+                "reused since this request was sent"
+            )
+        if problem is None and not all(
+            (e.offset, e.nbytes) == (r.offset, r.nbytes) and e.digest == digests[r.index]
+            and region.slot_in_bounds(r) for r, e in zip(refs, entries)
+        ):
+            problem = (
+                f"descriptors do not match the slot table of region {desc.name} "
+                "(wrong slot, dtype, shape, nbytes, offset or hash)"
+            )
+        if problem is not None:
+            for r in ours:
+                region.table.add(r.index, -1)
+    if problem is not None:
+        raise MultimodalTransportError(problem)
+    leases = {r.index: region.lease(r) for r in refs}
+    resolved = _copy_for_views(inputs)
+
+    def view(leaf, _hash):
+        if not isinstance(leaf, TensorDescriptor):
+            return leaf
+        ref = where[id(leaf)]
+        return _slot_view(leases[ref.index], leaf, ref.offset)
+
+    walk_tensors(resolved, view)
     return resolved
