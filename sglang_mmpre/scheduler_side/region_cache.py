@@ -13,10 +13,11 @@ Owner / writer / readers / who frees, per rank process
   region lock (``SlotTable.locked``);
 - the chunks are mapped ``MAP_PRIVATE``: every view this rank builds reads the owner's
   bytes, and any write through a view stays in this process (copy-on-write);
-- a *lease* is the ``uint8`` array over one slot that every tensor or array view of a
-  request keeps alive (``torch.frombuffer`` holds the object it was given; numpy views
-  hold their base). When the last view is freed, its finalizer queues the release, and
-  the releaser thread drops this rank's pages of the slot, then its reference.
+- a *lease* ties the ``uint8`` arrays over a request's slots (one per slot) that every
+  tensor or array view of the request keeps alive (``torch.frombuffer`` holds the object
+  it was given; numpy views hold their base). When the last view is freed, the lease's
+  finalizer queues the release, and the releaser thread drops this rank's pages of each
+  slot it no longer leases, then its references.
 
 Note [slot isolation]
 ---------------------
@@ -65,8 +66,8 @@ from sglang_mmpre.transport.region import (
     extent,
 )
 
-__all__ = ["AttachedRegion", "attach", "attached_names", "flush", "release_cpu_seconds",
-           "start_releaser"]
+__all__ = ["AttachedRegion", "attach", "attached_names", "flush", "leases_held",
+           "release_cpu_seconds", "start_releaser"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,36 +105,57 @@ class AttachedRegion:
             self._chunks[k] = chunk
         return chunk
 
-    def lease(self, ref: SlotRef) -> np.ndarray:
-        """The ``uint8`` array over ``ref``'s payload; this rank's reference is dropped
-        when it (and every view of it) is freed. Call only for a checked reference."""
-        k, inside = divmod(ref.offset - self.data_offset, self.chunk_bytes)
+    def lease(self, refs: "tuple[SlotRef, ...]") -> dict[int, np.ndarray]:
+        """One ``uint8`` array per slot of a request, all tied to one lease: this rank's
+        references are dropped when every array (and every view of one) is freed. Call
+        only for checked references."""
         start_releaser()
+        token = _Lease()
+        arrays = {}
         with self._local:
-            chunk = self._chunk(k)
-            self._leases[ref.index] = self._leases.get(ref.index, 0) + 1
-        arr = np.frombuffer(chunk, dtype=np.uint8, count=ref.nbytes, offset=inside)
-        fin = weakref.finalize(arr, _RELEASES.put, (self, ref.index, ref.offset, ref.nbytes))
+            for ref in refs:
+                k, inside = divmod(ref.offset - self.data_offset, self.chunk_bytes)
+                self._leases[ref.index] = self._leases.get(ref.index, 0) + 1
+                arr = np.frombuffer(self._chunk(k), dtype=np.uint8, count=ref.nbytes,
+                                    offset=inside).view(_LeaseArray)
+                arr.lease = token
+                arrays[ref.index] = arr
+        fin = weakref.finalize(token, _RELEASES.put,
+                               (self, tuple((r.index, r.offset, r.nbytes) for r in refs)))
         fin.atexit = False  # a rank that exits holds nothing worth returning
-        return arr
+        return arrays
 
-    def release(self, index: int, offset: int, nbytes: int) -> None:
-        """Drop one lease of slot ``index``: pages first (the last lease), then the reference."""
+    def release(self, slots: "list[tuple[int, int, int]]") -> None:
+        """Drop one lease of each ``(index, offset, nbytes)``: for a slot's last lease on
+        this rank its pages first, then every reference under one lock."""
         with self._local:
-            left = self._leases[index] - 1
-            if left:
-                self._leases[index] = left
-            else:
+            for index, offset, nbytes in slots:
+                left = self._leases[index] - 1
+                if left:
+                    self._leases[index] = left
+                    continue
                 del self._leases[index]
                 k, inside = divmod(offset - self.data_offset, self.chunk_bytes)
                 self._chunks[k].madvise(mmap.MADV_DONTNEED, inside, extent(nbytes))
         with self.table.locked():
-            self.table.add(index, -1)
+            for index, _, _ in slots:
+                self.table.add(index, -1)
 
     def live_leases(self) -> int:
         """Leases this rank still holds (tests and measurements)."""
         with self._local:
             return sum(self._leases.values())
+
+
+class _Lease:
+    """What the lease arrays of one request share; its finalizer queues their release."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _LeaseArray(np.ndarray):
+    """A ``uint8`` array over one slot that keeps its request's lease alive (views of it,
+    numpy or ``torch.frombuffer``, keep it alive in turn)."""
 
 
 _ATTACHED: dict[str, AttachedRegion] = {}
@@ -195,6 +217,13 @@ def attached_names() -> list[str]:
         return sorted(_ATTACHED)
 
 
+def leases_held() -> int:
+    """Slot leases this process still holds, over every region (tests, measurements)."""
+    with _ATTACH_LOCK:
+        regions = list(_ATTACHED.values())
+    return sum(r.live_leases() for r in regions)
+
+
 # -- the releaser thread ----------------------------------------------------------------
 
 _RELEASES: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -205,17 +234,28 @@ _release_cpu = [0.0]  # CPU seconds the releaser thread spent releasing
 
 def _release_forever() -> None:
     while True:
-        item = _RELEASES.get()
-        if isinstance(item, threading.Event):
-            item.set()
-            continue
+        items = [_RELEASES.get()]
         t0 = time.thread_time()
-        region, index, offset, nbytes = item
-        try:
-            region.release(index, offset, nbytes)
-        except Exception:  # keep releasing the others; a bad entry only leaks its slot
-            logger.exception("sglang_mmpre: releasing slot %d of %s failed", index, region.name)
+        while True:  # take everything queued meanwhile: one lock per region and batch
+            try:
+                items.append(_RELEASES.get_nowait())
+            except queue.Empty:
+                break
+        by_region: dict[AttachedRegion, list] = {}
+        events = []
+        for item in items:
+            if isinstance(item, threading.Event):
+                events.append(item)
+            else:
+                by_region.setdefault(item[0], []).extend(item[1])
+        for region, slots in by_region.items():
+            try:
+                region.release(slots)
+            except Exception:  # keep releasing the others; a bad entry only leaks its slots
+                logger.exception("sglang_mmpre: releasing slots of %s failed", region.name)
         _release_cpu[0] += time.thread_time() - t0
+        for event in events:
+            event.set()
 
 
 def release_cpu_seconds() -> float:

@@ -106,14 +106,25 @@ def _copy_for_views(inputs: Any) -> Any:
     forwards ``recv_reqs`` to the next stage (``point_to_point_pyobj``) *after* handling
     them, and that stage's ranks resolve the same descriptors again.
     """
-    new = copy.copy(inputs)
+    new = _shallow_copy(inputs)
     new.mm_items = []
     for item in inputs.mm_items:
-        clone = copy.copy(item)
+        clone = _shallow_copy(item)
         msd = item.__dict__.get("model_specific_data")
         if isinstance(msd, dict):
             clone.__dict__["model_specific_data"] = dict(msd)
         new.mm_items.append(clone)
+    return new
+
+
+def _shallow_copy(obj: Any) -> Any:
+    """``copy.copy`` for the plain dataclass instances of sglang's ``MultimodalInputs``,
+    without ``copy``'s protocol probing (``MultimodalDataItem.__getattr__`` makes each
+    probe raise and format an AttributeError)."""
+    if not hasattr(type(obj), "__dict__") or not isinstance(getattr(obj, "__dict__", None), dict):
+        return copy.copy(obj)
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
     return new
 
 
@@ -227,7 +238,7 @@ def _slot_view(lease: np.ndarray, desc: TensorDescriptor, base: int) -> Any:
     start = desc.offset - base
     if desc.kind == "numpy":
         dtype = numpy_dtype(desc.dtype)
-        return lease[start:start + desc.nbytes].view(dtype).reshape(desc.shape)
+        return lease[start:start + desc.nbytes].view(np.ndarray).view(dtype).reshape(desc.shape)
     dtype = torch_dtype(desc.dtype)
     if desc.nbytes == 0:
         return torch.empty(desc.shape, dtype=dtype)
@@ -279,7 +290,7 @@ def _resolve_slots(inputs: Any, desc: RegionDescriptor, table: list,
                 region.table.add(r.index, -1)
     if problem is not None:
         raise MultimodalTransportError(problem)
-    leases = {r.index: region.lease(r) for r in refs}
+    leases = region.lease(refs)
     resolved = _copy_for_views(inputs)
 
     def view(leaf, _hash):

@@ -91,7 +91,7 @@ class TensorDescriptor:
     def expected_nbytes(self) -> int:
         """nbytes implied by dtype and shape; raises KeyError/ValueError when invalid."""
         if self.kind == "torch":
-            itemsize = torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+            itemsize = torch_dtype(self.dtype).itemsize
         elif self.kind == "numpy":
             itemsize = numpy_dtype(self.dtype).itemsize
         else:
