@@ -314,7 +314,7 @@ class RegionSlots:
             self.table.write(slot.index, entry._replace(digest=digest))
 
     def adjust(self, refs: list[SlotRef], delta: int) -> None:
-        if self.file.table is None or self.file._closed:
+        if self.file.closed:
             return  # shut down: the region is gone with its references
         with self.table.locked():
             for ref in refs:

@@ -212,6 +212,10 @@ class RegionFile:
         """Bytes of payload chunks (what the region adds to the shm directory's use)."""
         return len(self.chunks) * self.chunk_bytes
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _reserve(self, offset: int, length: int) -> None:
         try:
             os.posix_fallocate(self._fd, offset, length)
