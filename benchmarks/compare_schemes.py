@@ -18,8 +18,8 @@ command line and runs the cells; the rest of the benchmark, by where a request i
 
 Default run and its budget (2 CPU cores, 10 minutes)
 ----------------------------------------------------
-TP=4; all six modes; workloads 448x448, 1120x700, 1920x1080, video16 at concurrency 64,
-plus concurrency 1, 16, 100 for 1120x700 (42 cells). A cell issues requests until its
+TP=4; all seven modes; workloads 448x448, 1120x700, 1920x1080, video16 at concurrency 64,
+plus concurrency 1, 16, 100 for 1120x700 (49 cells). A cell issues requests until its
 request cap is reached or, once at least ``--min-requests`` (default: twice the
 concurrency, within the cap) were issued, ``--cell-seconds`` (3 s) have passed; then it
 waits for those in flight. Each cell starts cold: its first C requests are built and sent

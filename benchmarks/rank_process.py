@@ -15,9 +15,12 @@ phase. (The processes and their messages: ``benchmarks/harness.py``.)
 
 Each iteration is split into phases (``RankCounters.phase``): ``recv`` (rank 0's drain,
 unpickling and entry-rank check), ``req_bcast`` (``broadcast_pyobj``), ``mm`` (the mode's
-multimodal handling), ``fwd`` (the simulated forward step) and ``other``. Between the
+multimodal handling), ``fwd`` (the simulated forward step) and ``other``. ``mm`` also holds
+dropping the iteration's inputs (a mapping closed, or slot leases queued) and the CPU time
+of ``sglang_mmpre``'s releaser thread (a slot's pages and reference dropped). Between the
 ``begin`` and ``end`` control messages a rank counts, by phase, its process CPU time, the
-collectives it calls and the bytes it broadcasts; at ``end`` it puts them on the results queue (``report.cell_row`` turns them
+collectives it calls and the bytes it broadcasts; at ``end`` it puts them on the results
+queue (``report.cell_row`` turns them
 into the metrics).
 """
 
@@ -139,6 +142,7 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
     import zmq
 
     from benchmarks.schemes import RankContext, entry_rank_check, handle_batch, wait_forward
+    from sglang_mmpre.scheduler_side.region_cache import release_cpu_seconds
     from sglang.srt.managers.scheduler import Scheduler  # noqa: F401  (import cost up front)
     from sglang.srt.utils import broadcast_pyobj
 
@@ -165,6 +169,7 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
     mode: Optional[str] = None
     cell_id: Optional[int] = None
     window_cpu0 = 0.0
+    release_cpu0 = 0.0
     idle = True
     stop = False
     cpu = time.process_time
@@ -201,8 +206,10 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
                     elif kind == "begin":
                         counters.reset()
                         window_cpu0 = cpu()
+                        release_cpu0 = release_cpu_seconds()
                     elif kind == "end":
                         total = cpu() - window_cpu0
+                        counters.add_cpu("mm", release_cpu_seconds() - release_cpu0)
                         results.put(("rank", cell_id, rank, {
                             "cpu_s": total,
                             "cpu_by_phase_s": dict(counters.cpu),
@@ -237,7 +244,9 @@ def _rank_loop(rank: int, world: int, port: int, req_addr: str, done_addr: str,
                 counters.work_iterations += 1
                 done = [(rid, err) for rid, _inputs, err in handled]
                 counters.errors += sum(1 for _, err in done if err)
+                c6 = cpu()
                 handled = None  # drop the inputs (and their mappings) with the iteration
+                counters.add_cpu("mm", cpu() - c6)
                 if rank == 0:
                     push.send_pyobj(("done", done))
             if rank == 0 and acks:

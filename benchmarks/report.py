@@ -13,7 +13,9 @@ sched_cpu_ms_per_req     sum over ranks of process CPU time (``time.process_time
                          simulated forward step (wait + its all_reduce), / requests.
                          Includes receiving/unpickling on rank 0, ``broadcast_pyobj``,
                          the mode's multimodal handling and idle-loop overhead.
-sched_mm_cpu_ms_per_req  the part of it spent in the mode's multimodal handling only.
+sched_mm_cpu_ms_per_req  the part of it spent in the mode's multimodal handling only:
+                         building the inputs, dropping them after the iteration, and
+                         (tokenizer_stage) the releaser thread returning slots.
 tok_cpu_ms_per_req       tokenizer process CPU time (all threads) in the window /
                          requests: building requests, mode work, pickling, ZMQ, the
                          event loop itself (floor is the baseline of this overhead).

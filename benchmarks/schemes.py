@@ -1,4 +1,4 @@
-"""The six multimodal-input schemes compared by ``compare_schemes`` and
+"""The seven multimodal-input schemes compared by ``compare_schemes`` and
 ``test_bench_scheduler_side``: inputs, tokenizer-side work and scheduler-side work.
 
 =========================  ===========================================================
@@ -24,9 +24,13 @@ mode                       what happens to one request's multimodal inputs
                            ``barrier`` then copy each feature out, an ``all_reduce`` of
                            failure flags, the entry rank unlinks, then every rank runs the
                            (now hash-free) ``from_dict`` locally.
-``tokenizer_stage``        this project: ``TokenizerSide.materialize_request`` (materialize +
-                           pack into one ``sglmmpre_*`` segment, in worker threads) and
+``tokenizer_stage``        this project: ``TokenizerSide.materialize_request`` (materialize
+                           into slots of the process's warm ``sglmmpre_*`` region, hashing
+                           while copying, in worker threads; a segment when it is full) and
                            ``TokenizerSide.send``; ``take_multimodal_inputs`` on each rank.
+``hash_floor``             ``floor`` plus a sha256 over each request's feature bytes in a
+                           worker thread of the tokenizer, nothing else: the limit of any
+                           design that keeps sglang's hash.
 ``floor``                  the request carries a 1 KiB placeholder instead; ranks do no
                            multimodal work. The lower bound of every metric.
 =========================  ===========================================================
@@ -78,6 +82,7 @@ MODES = (
     "batch_broadcast",
     "upstream_shm_barrier",
     "tokenizer_stage",
+    "hash_floor",
     "floor",
 )
 LEGACY_MODES = ("original", "per_request_broadcast", "batch_broadcast")
@@ -470,7 +475,7 @@ def handle_batch(mode: str, ctx: RankContext, reqs: list) -> list[tuple[str, Any
     from sglang.srt.managers.schedule_batch import MultimodalInputs
 
     out = []
-    if mode == "floor":
+    if mode in ("floor", "hash_floor"):
         return [(r.rid, None, None) for r in reqs]
     if mode == "original":
         for r in reqs:

@@ -36,7 +36,7 @@ def test_quick_run_covers_every_mode_and_leaves_nothing(tmp_path):
     assert {"machine", "config", "results"} <= data.keys()
     modes = {r["mode"] for r in data["results"]}
     assert modes == {"original", "per_request_broadcast", "batch_broadcast",
-                     "upstream_shm_barrier", "tokenizer_stage", "floor"}
+                     "upstream_shm_barrier", "tokenizer_stage", "hash_floor", "floor"}
     for row in data["results"]:
         assert FIELDS <= row.keys()
         assert row.get("errors", 0) == 0, row

@@ -7,7 +7,8 @@ client's side. (The processes and their messages: ``benchmarks/harness.py``.)
   frames) is computed once at start-up; each request gets a fresh mm dict around it and
   then the mode's tokenizer-side work (nothing / pickling only for the legacy modes;
   ``set_pad_value`` + one shm segment per feature for upstream; ``materialize_request``
-  in worker threads for tokenizer_stage), then is sent with ``send_pyobj`` over a ZMQ
+  in worker threads for tokenizer_stage; a sha256 over the feature bytes in a worker
+  thread for hash_floor), then is sent with ``send_pyobj`` over a ZMQ
   PUSH socket to rank 0. A closed loop keeps at most ``C`` requests in flight.
 - A cell issues requests until its request cap is reached or, once ``min_requests`` were
   issued, its ``seconds`` have passed; then it waits for those in flight.
@@ -23,9 +24,11 @@ and the loop lags; it puts them on the results queue as ``("tok", cell id, stats
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pickle
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from benchmarks.harness import CTL, Cell, RunConfig
@@ -44,6 +47,13 @@ class CountingSocket:
         data = pickle.dumps(obj, pickle.DEFAULT_PROTOCOL)
         self.bytes += len(data)
         self.sock.send(data, flags)
+
+
+def _sha256(feature) -> bytes:
+    """hash_floor's tokenizer-side work: sha256 over the feature's bytes (GIL released)."""
+    import torch
+
+    return hashlib.sha256(feature.reshape(-1).view(torch.uint8).numpy()).digest()
 
 
 def tokenizer_main(tp: int, req_addr: str, done_addr: str, results: Any,
@@ -88,6 +98,8 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
         tp_size=tp, pp_size=1, dp_size=1, enable_dp_attention=False, dist_init_addr=None,
         nnodes=1,
     ))
+    # hash_floor: the same number of worker threads as the TokenizerSide, hashing only.
+    hash_pool = ThreadPoolExecutor(side.settings.threads, thread_name_prefix="hash_floor")
     sync_ctx = zmq.Context()
     push = sync_ctx.socket(zmq.PUSH)
     push.connect(req_addr)
@@ -133,9 +145,11 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
 
     async def one(rid: str, mode: str, f, latencies: Optional[list]) -> Optional[str]:
         t0 = time.perf_counter()
-        if mode == "floor":
+        if mode in ("floor", "hash_floor"):
             req = make_request(rid, f, None)
             req.bench_placeholder = PLACEHOLDER
+            if mode == "hash_floor":
+                await loop.run_in_executor(hash_pool, _sha256, f.feature)
         else:
             req = make_request(rid, f, fresh_mm_dict(f))
         if mode == "upstream_shm_barrier":
@@ -144,7 +158,8 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
         elif mode == "tokenizer_stage":
             await side.materialize_request(req)
             writer = req.materialized_mm_inputs.writer
-            state.shm_bytes += writer.payload_nbytes if writer is not None else 0
+            if writer is not None:  # bytes copied into shared memory (slots: not reused ones)
+                state.shm_bytes += getattr(writer, "written_nbytes", writer.payload_nbytes)
         fut = loop.create_future()
         pending[rid] = fut
         if mode == "tokenizer_stage":
@@ -217,6 +232,7 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
         reader_task.cancel()
         ticker_task.cancel()
         side.shutdown()
+        hash_pool.shutdown(wait=False)
         push.close(linger=1000)
         pull.close(linger=0)
         sync_ctx.term()

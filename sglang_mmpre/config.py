@@ -1,16 +1,26 @@
 """Runtime settings, read from ``SGLANG_*`` environment variables (sglang's convention).
 
-=================================  ==========  ==============================================
-variable                           default     meaning
-=================================  ==========  ==============================================
-``SGLANG_MM_PREMATERIALIZE``       ``1``       ``0`` turns the tokenizer-stage path off: requests
-                                               carry the raw dict again and every scheduler rank
-                                               runs ``from_dict`` locally (sglang 0.5.4 behaviour).
-``SGLANG_MM_SHM_CAP_BYTES``        half of     bytes of segments one TokenizerManager process may
-                                   the shm dir hold at once; past it requests travel inline.
-``SGLANG_MM_SHM_DIR``              /dev/shm    where segments live (a tmpfs).
-``SGLANG_MM_MATERIALIZE_THREADS``  2           worker threads that hash and copy off the loop.
-=================================  ==========  ==============================================
+====================================  ==========  ===========================================
+variable                              default     meaning
+====================================  ==========  ===========================================
+``SGLANG_MM_PREMATERIALIZE``          ``1``       ``0`` turns the tokenizer-stage path off:
+                                                  requests carry the raw dict again and every
+                                                  scheduler rank runs ``from_dict`` locally
+                                                  (sglang 0.5.4 behaviour).
+``SGLANG_MM_SHM_CAP_BYTES``           half of     bytes of shared memory one TokenizerManager
+                                      the shm dir process may hold at once (its region plus
+                                                  its segments); past it requests travel
+                                                  inline.
+``SGLANG_MM_SHM_REGION_CHUNK_BYTES``  256 MiB     the warm region's start-up size and growth
+                                                  step (``transport/region.py``), rounded up
+                                                  to a page; ``0``, or more than the cap: no
+                                                  region, one segment per request.
+``SGLANG_MM_SHM_DEDUP``               ``1``       ``0``: copy every item even when its content
+                                                  is already in a live slot (measurements).
+``SGLANG_MM_SHM_DIR``                 /dev/shm    where the region and segments live (tmpfs).
+``SGLANG_MM_MATERIALIZE_THREADS``     2           worker threads that hash and copy off the
+                                                  loop.
+====================================  ==========  ===========================================
 """
 
 from __future__ import annotations
@@ -26,19 +36,24 @@ __all__ = [
     "scheduler_consumers_per_send",
     "shm_unusable_reason",
     "shm_dir",
+    "DEFAULT_REGION_CHUNK_BYTES",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
+DEFAULT_REGION_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Settings of one process; see the module docstring for the variables."""
+    """Settings of one process; see the module docstring for the variables. Built by hand
+    (tests), it has no region unless ``region_chunk_bytes`` is given."""
 
     enabled: bool
     shm_dir: str
     shm_cap_bytes: int
     threads: int
+    region_chunk_bytes: int = 0
+    dedup: bool = True
 
 
 def _default_cap(shm_dir: str) -> int:
@@ -65,6 +80,9 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
         shm_dir=directory,
         shm_cap_bytes=int(cap) if cap is not None else _default_cap(directory),
         threads=max(1, int(env.get("SGLANG_MM_MATERIALIZE_THREADS", "2"))),
+        region_chunk_bytes=max(0, int(env.get("SGLANG_MM_SHM_REGION_CHUNK_BYTES",
+                                              str(DEFAULT_REGION_CHUNK_BYTES)))),
+        dedup=env.get("SGLANG_MM_SHM_DEDUP", "1").strip().lower() in _TRUE,
     )
 
 

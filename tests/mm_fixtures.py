@@ -15,8 +15,12 @@ from sglang_mmpre.transport.liveness import LOCK_NAME_RE, creator_alive
 __all__ = ["image_mm_dict", "qwen2vl_pixels", "shm_settings", "files_left"]
 
 
-def shm_settings(shm_dir: Path, cap: int = 1 << 34, enabled: bool = True) -> Settings:
-    return Settings(enabled=enabled, shm_dir=str(shm_dir), shm_cap_bytes=cap, threads=2)
+def shm_settings(shm_dir: Path, cap: int = 1 << 34, enabled: bool = True,
+                 region_chunk_bytes: int = 0) -> Settings:
+    """Settings for a ``TokenizerSide`` in ``shm_dir``: per-request segments only, unless a
+    region chunk size is given (then requests take slots of a warm region first)."""
+    return Settings(enabled=enabled, shm_dir=str(shm_dir), shm_cap_bytes=cap, threads=2,
+                    region_chunk_bytes=region_chunk_bytes)
 
 
 def files_left(shm_dir: str | Path) -> list[str]:

@@ -26,9 +26,12 @@ tokenizer prints ``HELD <rid prefix> <held_bytes>`` after each of these requests
 and every rank prints ``OUTCOME <rid> <outcome>`` for every request, so that a run whose ranks stop on ``SegmentVanishedError`` still shows
 what happened (see ``fatal_ranks`` of :func:`run_harness`).
 
-Control messages travel the same path: ``measure`` makes every process record its open
-fds, RSS and mapped segments (after ``gc.collect()``; the ranks meet at a barrier first,
-so every earlier request has been handled everywhere), ``stop`` ends the ranks.
+The tokenizer takes slots of a warm region (``region_chunk_bytes``) or, with 0, a segment
+per request. Control messages travel the same path: ``measure`` makes every process record
+its open fds, RSS and mapped segments (after ``gc.collect()`` and, on ranks, once every slot
+release queued so far is done; the ranks meet at a barrier first, so every earlier request
+has been handled everywhere), ``stop`` ends the ranks. The region itself is not counted as
+a segment: a process maps it once, for good.
 
 usage: soak_harness.py tokenizer|rank RANK CONFIG_JSON
 """
@@ -58,8 +61,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_metrics(shm_dir: str) -> dict[str, int]:
-    """Open fds, RSS bytes and segments of ``shm_dir`` mapped by this process."""
+def process_metrics(shm_dir: str, regions: tuple[str, ...] = ()) -> dict[str, int]:
+    """Open fds, RSS bytes and segments of ``shm_dir`` mapped by this process (the files
+    named in ``regions`` apart)."""
     gc.collect()
     fds = len(os.listdir("/proc/self/fd"))
     rss = 0
@@ -70,7 +74,7 @@ def process_metrics(shm_dir: str) -> dict[str, int]:
     mapped = 0
     with open("/proc/self/maps") as f:
         for line in f:
-            if shm_dir in line:
+            if shm_dir in line and not any(r in line for r in regions):
                 mapped += 1
     return {"pid": os.getpid(), "fds": fds, "rss": rss, "mapped_segments": mapped}
 
@@ -90,10 +94,10 @@ def _kind(cfg: dict, rid: str) -> str:
     return cfg["plan"][int(head[3:])] if head.startswith("req") else "good"
 
 
-def _shm_usage(shm_dir: str) -> dict[str, int]:
+def _shm_usage(shm_dir: str, regions: tuple[str, ...] = ()) -> dict[str, int]:
     from sglang_mmpre.transport.segment import segment_names
 
-    names = segment_names(shm_dir)
+    names = [n for n in segment_names(shm_dir) if n not in regions]
     total = 0
     for n in names:
         try:
@@ -126,7 +130,9 @@ async def _tokenizer(cfg: dict) -> dict:
 
     shm_dir = cfg["shm_dir"]
     side = TokenizerSide(types.SimpleNamespace(tp_size=cfg["world"], pp_size=1),
-                         Settings(enabled=True, shm_dir=shm_dir, shm_cap_bytes=1 << 34, threads=2))
+                         Settings(enabled=True, shm_dir=shm_dir, shm_cap_bytes=1 << 34, threads=2,
+                                  region_chunk_bytes=cfg["region_chunk_bytes"]))
+    regions = (side.region.name,) if side.region is not None else ()
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(cfg["to_ranks"])
     actx = zmq.asyncio.Context()
@@ -232,7 +238,10 @@ async def _tokenizer(cfg: dict) -> dict:
         acks[tag] = asyncio.Event()
         push.send_pyobj({"ctl": "measure", "tag": tag})
         await acks[tag].wait()
-        return {**process_metrics(shm_dir), **_shm_usage(shm_dir), "held_bytes": side.held_bytes}
+        region = {"region_bytes": side.region.size, "live_slots": side.region.live_slots()} \
+            if side.region is not None else {"region_bytes": 0, "live_slots": 0}
+        return {**process_metrics(shm_dir, regions), **_shm_usage(shm_dir, regions),
+                "held_bytes": side.held_bytes, **region}
 
     reader_task = asyncio.ensure_future(reader())
     out: dict[str, Any] = {}
@@ -266,6 +275,7 @@ def _rank(rank: int, cfg: dict) -> dict:
     import zmq
 
     from scheduler_harness import SchedulerUnderTest
+    from sglang_mmpre.scheduler_side import region_cache
 
     world, shm_dir = cfg["world"], cfg["shm_dir"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=rank,
@@ -292,8 +302,11 @@ def _rank(rank: int, cfg: dict) -> dict:
                 if obj["ctl"] == "stop":
                     running = False
                     continue
+                gc.collect()
+                region_cache.flush()  # the releases of every request freed so far are done
                 dist.barrier(group=group)  # every rank has handled every earlier request
-                out[obj["tag"]] = process_metrics(shm_dir)
+                out[obj["tag"]] = {**process_metrics(shm_dir, tuple(region_cache.attached_names())),
+                                   "leases": region_cache.leases_held()}
                 dist.barrier(group=group)
                 if rank == 0:
                     push.send_pyobj({"ack": obj["tag"]})
@@ -360,8 +373,10 @@ def _child_main(role: str, rank: int, cfg_path: str) -> None:
 
 def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmup: int,
                 window: int = 8, timeout_s: float | None = None,
-                fatal_ranks: tuple[int, ...] = ()) -> dict:
-    """Run ``plan`` through a tokenizer process and ``world`` rank processes.
+                fatal_ranks: tuple[int, ...] = (),
+                region_chunk_bytes: int = 64 << 20) -> dict:
+    """Run ``plan`` through a tokenizer process and ``world`` rank processes (requests in
+    slots of a region of ``region_chunk_bytes``, or in segments with 0).
 
     Without ``fatal_ranks``: asserts every exit code is 0 (killing the rest on timeout)
     and returns ``{"tokenizer": ..., "ranks": [...]}`` as the processes reported it.
@@ -376,6 +391,7 @@ def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmu
         "world": world, "port": free_port(), "shm_dir": str(shm_dir), "out_dir": str(out_dir),
         "to_ranks": f"ipc://{ipc_dir}/to_ranks", "to_tokenizer": f"ipc://{ipc_dir}/to_tok",
         "plan": plan, "warmup": warmup, "window": window,
+        "region_chunk_bytes": region_chunk_bytes,
     }
     cfg_path = Path(out_dir, "harness.json")
     cfg_path.write_text(json.dumps(cfg))

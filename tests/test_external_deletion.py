@@ -13,7 +13,10 @@ directory (the creator's lock file too), as ``rm <dir>/*`` does.
 | before the scope exits | the creator's release finds nothing to unlink; cap back to 0 |
 
 The multi-process cases run a tokenizer process and four gloo rank processes calling the
-real patched ``Scheduler.recv_requests`` and ``handle_generate_request`` (``soak_harness``).
+real patched ``Scheduler.recv_requests`` and ``handle_generate_request`` (``soak_harness``),
+with the warm region off (``region_chunk_bytes=0``): one segment per request, whose file a
+deletion reaches at each of those points. ``test_region_deleted_before_a_rank_first_maps_it_
+stops_that_rank`` covers the region.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def test_external_rm_before_send_after_mapping_and_before_scope_exit_on_four_ran
 ):
     plan = ["good", "rm_before_send", "good", "rm_after_mapped", "good", "rm_before_scope_exit",
             "good"]
-    result = run_harness(tmp_path, shm_dir, world=WORLD, plan=plan, warmup=0, window=1)
+    result = run_harness(tmp_path, shm_dir, world=WORLD, plan=plan, warmup=0, window=1,
+                         region_chunk_bytes=0)
     ranks, tok = result["ranks"], result["tokenizer"]
     for i, kind in enumerate(plan):
         outcomes = [r["outcomes"][f"req{i}-0"] for r in ranks]
@@ -184,7 +188,7 @@ def test_external_rm_between_ranks_stops_the_ranks_that_cannot_map_with_a_named_
     stops on SegmentVanishedError, and the server is torn down (here: by the harness)."""
     plan = ["good", "rm_between_ranks"]
     result = run_harness(tmp_path, shm_dir, world=WORLD, plan=plan, warmup=0, window=1,
-                         fatal_ranks=(1, 2, 3))
+                         region_chunk_bytes=0, fatal_ranks=(1, 2, 3))
     codes, logs = result["codes"], result["logs"]
     for r in (1, 2, 3):
         log = logs[f"rank{r}"]

@@ -652,7 +652,13 @@ def test_fuzzed_mutated_pickles_yield_result_or_abort_and_open_only_segments(imm
 
 # --- the same, across four real rank processes -------------------------------------------
 
-def test_forged_requests_abort_identically_on_four_rank_processes(tmp_path, shm_dir):
+@pytest.mark.parametrize("region_chunk_bytes, nbytes_message", [
+    (0, "do not match its header"),  # a segment per request
+    (64 << 20, "does not match dtype"),  # slots of a warm region
+], ids=["segments", "region"])
+def test_forged_requests_abort_identically_on_four_rank_processes(
+    tmp_path, shm_dir, region_chunk_bytes, nbytes_message
+):
     """A tokenizer process and four gloo ranks (sglang's broadcast_pyobj): each forged
     request is aborted with one message on all four ranks, every genuine one is served on
     all four, and no segment is left (see soak_harness for the plan kinds)."""
@@ -660,9 +666,10 @@ def test_forged_requests_abort_identically_on_four_rank_processes(tmp_path, shm_
 
     plan = ["good", "forged_nonce", "good", "forged_nbytes", "good", "raw_bad", "good",
             "forged_name", "good"]
-    expected = {"forged_nonce": "nonce mismatch", "forged_nbytes": "do not match its header",
+    expected = {"forged_nonce": "nonce mismatch", "forged_nbytes": nbytes_message,
                 "raw_bad": "from_dict failed", "forged_name": "not ours"}
-    result = run_harness(tmp_path, shm_dir, world=4, plan=plan, warmup=0)
+    result = run_harness(tmp_path, shm_dir, world=4, plan=plan, warmup=0,
+                         region_chunk_bytes=region_chunk_bytes)
     ranks = result["ranks"]
     for i, kind in enumerate(plan):
         messages = [r["outcomes"].get(f"req{i}-0") for r in ranks]

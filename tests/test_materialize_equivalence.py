@@ -3,13 +3,15 @@
 Every case builds the same processor output twice (``from_dict`` and materialization
 mutate their items), runs sglang's real ``from_dict`` on one and this project's path on the
 other, and compares everything: items, hash and pad_value bit for bit, features, optional
-fields. The round-trip cases also send the result through a segment, pickle and a rank's
+fields. The round-trip cases also send the result through a segment, or through slots of
+a warm region (hashed while copied, then reused for the same content), pickle and a rank's
 ``resolve``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import pickle
 import types
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from sglang_mmpre.scheduler_side import region_cache
 from sglang_mmpre.scheduler_side.resolve import resolve
 from sglang_mmpre.tokenizer_side.hashing import feature_hash
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
@@ -156,6 +159,32 @@ def test_roundtrip_through_segment_equals_from_dict(case, shm_dir):
     blob = pickle.dumps(built)
     for _rank in range(2):
         assert_equal_inputs(resolve(pickle.loads(blob), 2, str(shm_dir)), theirs)
+    assert segment_names(str(shm_dir)) == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_roundtrip_through_region_slots_equals_from_dict_also_when_content_is_reused(case, shm_dir):
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+
+    theirs = MultimodalInputs.from_dict(CASES[case]())
+    side = TokenizerSide(types.SimpleNamespace(tp_size=2, pp_size=1),
+                         shm_settings(shm_dir, region_chunk_bytes=64 << 20))
+    built = [side.build(CASES[case]()) for _ in range(2)]  # the second reuses the first's slots
+    resolved = []
+    for b in built:
+        assert type(b.segment).__name__ == "RegionDescriptor"
+        b.writer.add_consumers(2)
+        side.release(b.writer)
+        blob = pickle.dumps(b)
+        for _rank in range(2):
+            resolved.append(resolve(pickle.loads(blob), 2, str(shm_dir)))
+            assert_equal_inputs(resolved[-1], theirs)
+    assert side.region.live_slots() > 0  # the ranks' tensors still view their slots
+    del resolved
+    gc.collect()
+    assert region_cache.flush()
+    assert side.region.live_slots() == 0
+    side.shutdown()
     assert segment_names(str(shm_dir)) == []
 
 

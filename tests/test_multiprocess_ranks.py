@@ -13,6 +13,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
@@ -41,7 +42,9 @@ def _request(rid: str, mm: dict):
     return TokenizedGenerateReqInput("text", ids, mm, params, False, -1, 0, None, False, rid=rid)
 
 
-def test_four_ranks_map_equal_tensors_and_shm_returns_to_baseline(tmp_path, shm_dir):
+@pytest.mark.parametrize("region_chunk_bytes", [64 << 20, 0], ids=["region", "segments"])
+def test_four_ranks_map_equal_tensors_and_shm_returns_to_baseline(tmp_path, shm_dir,
+                                                                   region_chunk_bytes):
     import zmq
     from sglang.srt.managers.schedule_batch import MultimodalInputs
 
@@ -63,7 +66,8 @@ def test_four_ranks_map_equal_tensors_and_shm_returns_to_baseline(tmp_path, shm_
         for r in range(WORLD)
     ]
     try:
-        side = TokenizerSide(types.SimpleNamespace(tp_size=WORLD, pp_size=1), shm_settings(shm_dir))
+        side = TokenizerSide(types.SimpleNamespace(tp_size=WORLD, pp_size=1),
+                             shm_settings(shm_dir, region_chunk_bytes=region_chunk_bytes))
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.connect(addr)
         for i, (w, h) in enumerate(sizes):
@@ -86,5 +90,6 @@ def test_four_ranks_map_equal_tensors_and_shm_returns_to_baseline(tmp_path, shm_
             assert b["aborted"] is None
             assert (b["hashes"], b["features"]) == expected[b["rid"]]
         assert res["built"] == results[0]["built"]
+    side.shutdown()  # unlinks the region, if any (the ranks exited with their mappings)
     assert segment_names(str(shm_dir)) == []
     assert side.held_bytes == 0

@@ -4,6 +4,10 @@ The TokenizerManager is sglang 0.5.5's own (patched), built for a tiny local Qwe
 model; the scheduler methods are the patched ``Scheduler.handle_generate_request`` itself
 (see ``scheduler_harness``). Legacy results come from the same TokenizerManager with the
 switch off (``SGLANG_MM_PREMATERIALIZE=0``) followed by sglang's own ``from_dict``.
+
+These tests pin the per-request segment path (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``, as
+when the region is full); the same path through the warm region is
+``test_region_request_path.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def tokenizer_manager(model_dir, shm_dir, monkeypatch):
     from tiny_models import close_tokenizer_manager, make_tokenizer_manager
 
     monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", "0")
     tm = make_tokenizer_manager(model_dir)
     yield tm
     close_tokenizer_manager(tm)

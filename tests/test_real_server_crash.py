@@ -2,7 +2,8 @@
 
 1. sglang 0.5.5 as shipped at TP=1 answers the reference cases, then stops.
 2. A patched TP=2 server is loaded with image requests and its whole process group is
-   killed with SIGKILL while segments are live: they stay behind (their creator is dead).
+   killed with SIGKILL while requests are in flight: its warm region (and any segment) and
+   its lock file stay behind, their creator dead.
 3. A patched TP=1 server starts on the same directory: its start-up sweep must leave the
    directory as it was before the first start. It then serves the cases with outputs equal
    to sglang's at TP=1, and leaves nothing when it stops.
@@ -42,9 +43,10 @@ def _load_until_segments_are_live(server: RealServer, stop: threading.Event) -> 
         t.start()
     deadline = time.monotonic() + 120
     live: list[str] = []
-    while time.monotonic() < deadline and len(live) < 2:
-        live = segment_files(server.shm_dir)
+    while time.monotonic() < deadline and not live:
+        live = segment_files(server.shm_dir, with_regions=True)
         time.sleep(0.05)
+    time.sleep(3.0)  # requests in flight, with their slots or segments taken
     return live
 
 
@@ -70,8 +72,8 @@ def test_kill_9_under_load_then_restart_sweep_restores_shm_and_tp1_matches_as_sh
         finally:
             stop.set()
         assert crashed.proc.returncode == -9
-        assert live, "no segment was live under load: the crash would prove nothing"
-        assert segment_files(shm), "the killed server left no segment: nothing to sweep"
+        assert live, "no file was live under load: the crash would prove nothing"
+        assert segment_files(shm, with_regions=True), "the killed server left nothing to sweep"
 
         restarted = RealServer(ServerConfig("optimized", tp=1), served_model,
                                tmp_path / "restart", shm_dir=shm).start()
@@ -85,6 +87,6 @@ def test_kill_9_under_load_then_restart_sweep_restores_shm_and_tp1_matches_as_sh
             restarted.stop()
         assert sorted(os.listdir(shm)) == before
     finally:
-        for name in segment_files(shm, with_locks=True):
+        for name in segment_files(shm, with_locks=True, with_regions=True):
             os.unlink(shm / name)
         shm.rmdir()

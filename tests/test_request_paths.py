@@ -8,6 +8,10 @@ the scheduler: it keeps the pickles that leave, replays each through two
 the way the detokenizer does, through the manager's own ``_handle_batch_output`` /
 ``_handle_abort_req``. Each test ends with the shm directory empty, the manager holding no
 bytes, and no rank having met a missing or already-consumed segment.
+
+The manager here takes a segment per request (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``, as
+when the region is full); the warm region's slots on the same paths are in
+``test_region_request_path.py``.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ def tm(model_dir, shm_dir, monkeypatch):
     from tiny_models import close_tokenizer_manager, make_tokenizer_manager
 
     monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", "0")  # segments: see the docstring
     manager = make_tokenizer_manager(model_dir)
     manager.mmpre.consumers = TP  # what ServerArgs(tp_size=2) gives on a GPU server
     yield manager

@@ -1,8 +1,10 @@
 """Rebuild a request's ``MultimodalInputs`` on a scheduler rank from its descriptors.
 
-Cost per request: one ``open``/``flock``/``mmap``/``close`` of the segment and a table of
-zero-copy views into a private copy-on-write mapping, whatever the feature size. No hash,
-no copy, no ``from_dict``, no collective.
+Cost per request, whatever the feature size: for slots of a warm region, one locked read of
+their table entries and zero-copy views into the mapping this process keeps
+(``region_cache``); for a fallback segment, one ``open``/``flock``/``mmap``/``close`` and
+views into a private copy-on-write mapping. No hash, no copy, no ``from_dict``, no
+collective.
 
 Every refusal depends only on the descriptors and the segment's bytes, so all ranks that
 receive the same request refuse it the same way (see ``MultimodalTransportError``). The
@@ -40,11 +42,16 @@ from sglang_mmpre.errors import (
     SegmentUnreachableError,
     SegmentVanishedError,
 )
+from sglang_mmpre.scheduler_side.region_cache import attach
 from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
 from sglang_mmpre.transport.descriptors import (
+    RegionDescriptor,
     SegmentDescriptor,
+    SlotRef,
     TensorDescriptor,
     numpy_dtype,
+    slot_digest,
+    slot_of,
     table_digest,
     torch_dtype,
 )
@@ -65,7 +72,7 @@ def _check_segment(seg: Any) -> None:
         raise MultimodalTransportError("malformed segment size")
 
 
-def _check_tensor(desc: TensorDescriptor, payload_nbytes: int) -> None:
+def _check_tensor(desc: TensorDescriptor, payload_nbytes: int, base: int = 0) -> None:
     try:
         expected = desc.expected_nbytes()
     except (KeyError, ValueError, TypeError) as e:
@@ -75,7 +82,8 @@ def _check_tensor(desc: TensorDescriptor, payload_nbytes: int) -> None:
             f"tensor descriptor nbytes {desc.nbytes} does not match dtype {desc.dtype} and "
             f"shape {desc.shape} ({expected} bytes)"
         )
-    if not isinstance(desc.offset, int) or desc.offset < 0 or desc.offset + desc.nbytes > payload_nbytes:
+    if (not isinstance(desc.offset, int) or desc.offset < base
+            or desc.offset + desc.nbytes > base + payload_nbytes):
         raise MultimodalTransportError(
             f"tensor descriptor [{desc.offset}, +{desc.nbytes}) lies outside the segment payload "
             f"of {payload_nbytes} bytes"
@@ -119,10 +127,10 @@ def _copy_for_views(inputs: Any) -> Any:
     forwards ``recv_reqs`` to the next stage (``point_to_point_pyobj``) *after* handling
     them, and that stage's ranks resolve the same descriptors again.
     """
-    new = copy.copy(inputs)
+    new = _shallow_copy(inputs)
     new.mm_items = []
     for item in inputs.mm_items:
-        clone = copy.copy(item)
+        clone = _shallow_copy(item)
         msd = item.__dict__.get("model_specific_data")
         if isinstance(msd, dict):
             clone.__dict__["model_specific_data"] = dict(msd)
@@ -143,12 +151,18 @@ def vouch(m: Any, shm_dir: str) -> None:
     m.vouched, m.refusal = False, None
     if m.segment is None:
         return
+    if isinstance(m.segment, RegionDescriptor):
+        # A region is opened once per process and kept: the entry rank attaches it now
+        # (a cache hit after the first request), so a deleted region is decided here too.
+        probe = lambda: attach(shm_dir, m.segment.name, m.segment.nonce)  # noqa: E731
+    else:
+        try:
+            _check_segment(m.segment)
+        except MultimodalTransportError:
+            return
+        probe = lambda: probe_segment(shm_dir, m.segment)  # noqa: E731
     try:
-        _check_segment(m.segment)
-    except MultimodalTransportError:
-        return
-    try:
-        probe_segment(shm_dir, m.segment)
+        probe()
     except MultimodalTransportError as e:
         m.refusal = str(e)
     else:
@@ -173,6 +187,17 @@ def _vanished(shm_dir: str, e: SegmentUnreachableError) -> SegmentVanishedError:
         "/etc/systemd/logind.conf or run the server as a system user, keep cleanup jobs "
         "away from sglmmpre_* files, or give this server its own SGLANG_MM_SHM_DIR."
     )
+
+
+def _shallow_copy(obj: Any) -> Any:
+    """``copy.copy`` for the plain dataclass instances of sglang's ``MultimodalInputs``,
+    without ``copy``'s protocol probing (``MultimodalDataItem.__getattr__`` makes each
+    probe raise and format an AttributeError)."""
+    if not hasattr(type(obj), "__dict__") or not isinstance(getattr(obj, "__dict__", None), dict):
+        return copy.copy(obj)
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
 
 
 def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
@@ -205,6 +230,8 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
         if table:
             raise MultimodalTransportError("tensor descriptors without a segment")
         return inputs
+    if isinstance(seg, RegionDescriptor):
+        return _resolve_slots(m, table, expected_consumers, shm_dir)
     _check_segment(seg)
     # The digest covers every descriptor; checks that would refuse the request are made
     # after map_segment has dropped our reference, so a refusal leaks nothing.
@@ -239,4 +266,124 @@ def resolve(m: Any, expected_consumers: int, shm_dir: str) -> Any:
     _check_item_hashes(inputs)
     resolved = _copy_for_views(inputs)
     walk_tensors(resolved, lambda leaf, _h: _view(mapping, leaf) if isinstance(leaf, TensorDescriptor) else leaf)
+    return resolved
+
+
+# -- slots of a warm region ----------------------------------------------------------------
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_slot_refs(desc: RegionDescriptor) -> tuple[SlotRef, ...]:
+    slots = desc.slots
+    if not isinstance(slots, tuple) or not slots or not all(
+        isinstance(r, SlotRef) and _is_count(r.index) and _is_count(r.generation)
+        and _is_count(r.offset) and _is_count(r.nbytes) for r in slots
+    ) or len({r.index for r in slots}) != len(slots):
+        raise MultimodalTransportError("malformed slot references")
+    return slots
+
+
+def _group_by_slot(refs, table: list, inputs: Any) -> tuple[dict, dict, "str | None"]:
+    """Each tensor descriptor's slot, the distinct descriptors of each slot (walk order),
+    and the first problem that the descriptors alone show (the same on every rank)."""
+    where: dict[int, SlotRef] = {}
+    groups: dict[int, list] = {r.index: [] for r in refs}
+    try:
+        for t in table:
+            ref = slot_of(refs, t) if isinstance(t.offset, int) else None
+            if ref is None:
+                return where, groups, f"tensor descriptor at {t.offset!r} lies outside its slots"
+            _check_tensor(t, ref.nbytes, base=ref.offset)
+            where[id(t)] = ref
+            if t not in groups[ref.index]:
+                groups[ref.index].append(t)
+        _check_item_hashes(inputs)
+    except MultimodalTransportError as e:
+        return where, groups, str(e)
+    except Exception as e:  # a forged field whose comparison itself fails
+        return where, groups, f"malformed tensor descriptor: {type(e).__name__}"
+    return where, groups, None
+
+
+def _digest_or_empty(ref: SlotRef, tensors: list) -> bytes:
+    try:
+        return slot_digest(ref, tensors)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return b""
+
+
+def _slot_view(lease: np.ndarray, desc: TensorDescriptor, base: int) -> Any:
+    start = desc.offset - base
+    if desc.kind == "numpy":
+        dtype = numpy_dtype(desc.dtype)
+        return lease[start:start + desc.nbytes].view(np.ndarray).view(dtype).reshape(desc.shape)
+    dtype = torch_dtype(desc.dtype)
+    if desc.nbytes == 0:
+        return torch.empty(desc.shape, dtype=dtype)
+    raw = torch.frombuffer(lease, dtype=torch.uint8, count=desc.nbytes, offset=start)
+    return raw.view(dtype).view(desc.shape)
+
+
+def _resolve_slots(m: MaterializedMultimodalInputs, table: list,
+                   expected_consumers: int, shm_dir: str) -> Any:
+    """Views into the slots of a warm region; this rank's references stay held by the
+    views' lease (see Note [slot isolation] in ``region_cache``).
+
+    Refusals that the descriptors alone decide come first (topology, bounds, hashes), then
+    the slot table's (stale generation or no references left, then a table digest that
+    differs); a reference that is ours (generation matches, references left) is dropped
+    on every refusal, so a refused request leaks nothing.
+    """
+    inputs, desc = m.inputs, m.segment
+    refs = _check_slot_refs(desc)
+    try:
+        region = attach(shm_dir, desc.name, desc.nonce)
+    except SegmentUnreachableError as e:
+        if m.vouched:
+            raise _vanished(shm_dir, e) from e
+        raise MultimodalTransportError(m.refusal or str(e)) from None
+    if any(r.index >= region.slot_count for r in refs):
+        raise MultimodalTransportError(f"slot index out of range for region {desc.name}")
+    problem = m.refusal
+    if problem is None and desc.consumers != expected_consumers:
+        problem = (
+            f"request was counted for {desc.consumers} consuming ranks but this server has "
+            f"{expected_consumers}; the tokenizer and scheduler disagree on the topology"
+        )
+    where, groups, found = _group_by_slot(refs, table, inputs)
+    problem = problem or found
+    digests = {r.index: _digest_or_empty(r, groups[r.index]) for r in refs}
+    with region.table.locked():
+        entries = [region.table.read(r.index) for r in refs]
+        ours = [r for r, e in zip(refs, entries) if e.generation == r.generation and e.refcount > 0]
+        if problem is None and len(ours) < len(refs):
+            problem = (
+                f"stale slot reference into region {desc.name}: the slot was released or "
+                "reused since this request was sent"
+            )
+        if problem is None and not all(
+            (e.offset, e.nbytes) == (r.offset, r.nbytes) and e.digest == digests[r.index]
+            and region.slot_in_bounds(r) for r, e in zip(refs, entries)
+        ):
+            problem = (
+                f"descriptors do not match the slot table of region {desc.name} "
+                "(wrong slot, dtype, shape, nbytes, offset or hash)"
+            )
+        if problem is not None:
+            for r in ours:
+                region.table.add(r.index, -1)
+    if problem is not None:
+        raise MultimodalTransportError(problem)
+    leases = region.lease(refs)
+    resolved = _copy_for_views(inputs)
+
+    def view(leaf, _hash):
+        if not isinstance(leaf, TensorDescriptor):
+            return leaf
+        ref = where[id(leaf)]
+        return _slot_view(leases[ref.index], leaf, ref.offset)
+
+    walk_tensors(resolved, view)
     return resolved

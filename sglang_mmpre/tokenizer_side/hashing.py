@@ -11,12 +11,12 @@ Inputs outside the cases below go to sglang's own ``hash_feature``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["feature_hash", "digest_to_hash"]
+__all__ = ["feature_hash", "digest_to_hash", "fast_path_leaves"]
 
 _BF16_CHUNK = 1 << 22  # elements widened to fp32 at a time
 
@@ -60,6 +60,16 @@ def _fast_path_tensors(f: Any):
     except (RuntimeError, TypeError):
         return None
     return flat
+
+
+def fast_path_leaves(f: Any) -> Optional[list]:
+    """The leaves whose bytes, in order, sglang's ``hash_feature`` hashes (bfloat16 widened
+    first): CPU tensors of one dtype, or one non-object numpy array; else None."""
+    if isinstance(f, np.ndarray):
+        return [f] if f.dtype != object else None
+    if isinstance(f, torch.Tensor) or (isinstance(f, list) and f and isinstance(f[0], torch.Tensor)):
+        return _fast_path_tensors(f)
+    return None
 
 
 def feature_hash(f: Any) -> int:

@@ -2,7 +2,8 @@
 
 Three call sites in ``tokenizer_manager.py``:
 
-1. ``__init__``: ``self.mmpre = TokenizerSide(server_args)`` (also sweeps dead segments);
+1. ``__init__``: ``self.mmpre = TokenizerSide(server_args)`` (sweeps dead segments, then
+   allocates this process's warm region: ``tokenizer_side/slots.py``);
 2. ``_tokenize_one_request``: ``return await self.mmpre.materialize_request(obj)`` on the
    tokenized object, after sglang's processor and validation have run;
 3. every ``send_to_scheduler.send_pyobj`` of a tokenized request goes through
@@ -14,22 +15,28 @@ request can't be sent again. Parallel sampling sends one tokenized object 1 + n 
 that is not "after the first send": it is when ``generate_request`` leaves its scope
 (finished, aborted, failed or disconnected). Without a scope, a segment is released right
 after its single send. A materialization still running when its scope closes (the task
-was cancelled) releases its segment itself, so no path leaves one behind.
+was cancelled) releases its segment itself, so no path leaves one behind. A request whose
+tensors are in slots of the region holds them the same way (``SlotHold``, which has the
+segment writer's interface); when the region is full, a segment is made, and past the cap
+the tensors travel inline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
 from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm_unusable_reason
 from sglang_mmpre.errors import SegmentAllocationError
-from sglang_mmpre.tokenizer_side.materialize import materialize, pack, plan
+from sglang_mmpre.tokenizer_side.materialize import materialize, materialize_into_region, pack, plan
+from sglang_mmpre.tokenizer_side.slots import RegionFull, RegionSlots
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
 from sglang_mmpre.transport import liveness
 from sglang_mmpre.transport.segment import SegmentWriter
@@ -37,6 +44,10 @@ from sglang_mmpre.transport.segment import SegmentWriter
 __all__ = ["TokenizerSide", "RequestScope"]
 
 logger = logging.getLogger(__name__)
+
+#: Entries of the region's slot table: the most slots in use at once (each request takes
+#: one per item plus one for its other tensors); past it, requests take segments.
+SLOT_COUNT = 4096
 
 _current_scope: contextvars.ContextVar[Optional["RequestScope"]] = contextvars.ContextVar(
     "sglang_mmpre_request_scope", default=None
@@ -92,9 +103,67 @@ class TokenizerSide:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._held_bytes = 0
+        self._region_bytes = 0
         self._warned: set[str] = set()
+        self.region: Optional[RegionSlots] = None
         if self.settings.enabled:
             liveness.sweep(self.settings.shm_dir)
+            if self._no_shm_reason is None:
+                self._start_region()
+
+    def _start_region(self) -> None:
+        """Allocate and fault in the first chunk of this process's region (if configured)."""
+        chunk = self.settings.region_chunk_bytes
+        if chunk <= 0:
+            return
+        chunk = (chunk + 4095) // 4096 * 4096
+        if chunk > self.settings.shm_cap_bytes:
+            self.warn_once("region", f"no warm shared-memory region: its chunk ({chunk} bytes) is "
+                           f"above the cap ({self.settings.shm_cap_bytes} bytes); every request "
+                           "takes a segment. Lower SGLANG_MM_SHM_REGION_CHUNK_BYTES.")
+            return
+        t0 = time.perf_counter()
+        try:
+            self.region = RegionSlots(self.settings.shm_dir, chunk, SLOT_COUNT,
+                                      self._reserve_region, self.settings.dedup)
+        except SegmentAllocationError as e:
+            self.warn_once("region", f"no warm shared-memory region: {e} Requests take segments.")
+            return
+        self._region_bytes += chunk  # a lost region (see _live_region) stays counted
+        atexit.register(self.region.close)
+        logger.info("sglang_mmpre: shared-memory region %s: %d MiB faulted in, %.0f ms",
+                    self.region.name, chunk >> 20, (time.perf_counter() - t0) * 1000)
+
+    def _live_region(self) -> Optional[RegionSlots]:
+        """The region, or a new one if something deleted its file from outside.
+
+        Requests already sent into the lost region are decided by the entry rank (refused
+        on every rank if it can't attach it). The lost region stays mapped here and counted
+        against the cap: its in-flight slots are still released into it, and ranks that
+        attached it keep serving them.
+        """
+        region = self.region
+        if region is None or not region.file.vanished():
+            return region
+        with self._lock:
+            lost = self.region is region
+            if lost:
+                self.region = None
+        if lost:
+            self.warn_once("region_lost", f"shared-memory region {region.name} was deleted from "
+                           "outside (systemd RemoveIPC=yes, a cleanup job, rm): starting a new "
+                           "one. Keep cleanup jobs away from sglmmpre_* files, or give this "
+                           "server its own SGLANG_MM_SHM_DIR.")
+            self._start_region()
+        return self.region
+
+    def _reserve_region(self, nbytes: int) -> bool:
+        """Count ``nbytes`` more (or fewer) of region against the cap; False if over it."""
+        with self._lock:
+            if nbytes > 0 and self._held_bytes + self._region_bytes + nbytes > self.settings.shm_cap_bytes:
+                return False
+            self._region_bytes += nbytes
+            return True
 
     # -- materialization -------------------------------------------------------------
     @property
@@ -115,7 +184,15 @@ class TokenizerSide:
             logger.warning("sglang_mmpre: %s", message)
 
     def build(self, mm_dict: dict) -> MaterializedMultimodalInputs:
-        """Materialize ``mm_dict`` and pack it (shared memory, else inline). Thread-safe."""
+        """Materialize ``mm_dict`` into region slots, else a segment, else inline. Thread-safe."""
+        region = self._live_region()
+        if region is not None:
+            try:
+                return materialize_into_region(mm_dict, region, self.consumers)
+            except RegionFull:
+                self.warn_once("full", "the shared-memory region is full (at the cap, or no slot "
+                               "fits); requests take a segment each meanwhile. Raise "
+                               "SGLANG_MM_SHM_CAP_BYTES if this persists.")
         inputs = materialize(mm_dict)
         if self._no_shm_reason is not None:
             self.warn_once("remote", f"multimodal tensors travel inline: {self._no_shm_reason}.")
@@ -125,7 +202,7 @@ class TokenizerSide:
             return MaterializedMultimodalInputs(inputs)
         need = layout.payload_nbytes
         with self._lock:
-            over_cap = self._held_bytes + need > self.settings.shm_cap_bytes
+            over_cap = self._held_bytes + self._region_bytes + need > self.settings.shm_cap_bytes
             if not over_cap:
                 self._held_bytes += need
         if over_cap:
@@ -241,9 +318,12 @@ class TokenizerSide:
             scope.close()
 
     def shutdown(self) -> None:
-        """Stop the worker threads and remove this process's lock file if no file of ours
-        is left. The patched ``sigterm_watchdog`` calls it once every request has drained,
-        right before sglang kills its own process tree (where no ``atexit`` runs)."""
+        """Stop the worker threads, unlink the region (ranks keep their mappings), and
+        remove this process's lock file if no file of ours is left. The patched
+        ``sigterm_watchdog`` calls it once every request has drained, right before sglang
+        kills its own process tree (where no ``atexit`` runs)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        if self.region is not None:
+            self.region.close()
         liveness.release_held()

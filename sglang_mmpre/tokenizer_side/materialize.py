@@ -1,5 +1,6 @@
-"""Materialize a processor's output dict into sglang's own ``MultimodalInputs``, and pack
-its tensors into a shared-memory segment.
+"""Materialize a processor's output dict into sglang's own ``MultimodalInputs``, with its
+tensors in slots of the warm region (:func:`materialize_into_region`) or, as a fallback,
+packed into a shared-memory segment (:func:`pack`).
 
 :func:`materialize` pre-sets each valid item's ``hash`` with :func:`hashing.feature_hash`
 and then calls sglang 0.5.5's real ``MultimodalInputs.from_dict``: items are filtered by
@@ -8,7 +9,9 @@ copied by sglang's own code. The result is therefore what every scheduler rank w
 have built, with one hashing pass over each feature's own buffer.
 
 :func:`pack` moves every tensor of the result into one segment and leaves descriptors in
-their place (see ``transport.carrier``). Both run in a worker thread, off the event loop.
+their place (see ``transport.carrier``). :func:`materialize_into_region` hashes each
+feature while copying it into its slot (one pass), and copies nothing for content already
+in a slot. All of them run in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from sglang_mmpre.tokenizer_side.hashing import feature_hash
+from sglang_mmpre.tokenizer_side.hashing import digest_to_hash, feature_hash
+from sglang_mmpre.tokenizer_side.slots import RegionFull, RegionSlots, SlotHold
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, walk_tensors
-from sglang_mmpre.transport.descriptors import TensorDescriptor, dtype_name, table_digest
+from sglang_mmpre.transport.descriptors import (
+    RegionDescriptor,
+    TensorDescriptor,
+    describe,
+    dtype_name,
+    slot_digest,
+    table_digest,
+)
 from sglang_mmpre.transport.segment import ALIGN, SegmentWriter
 
-__all__ = ["materialize", "plan", "pack", "PackPlan", "shm_eligible"]
+__all__ = ["materialize", "materialize_into_region", "plan", "pack", "PackPlan", "shm_eligible"]
 
 
 def materialize(mm_dict: dict) -> Any:
@@ -131,3 +142,86 @@ def pack(inputs: Any, layout: PackPlan, shm_dir: str, consumers: int) -> Materia
         writer.abandon()
         raise
     return MaterializedMultimodalInputs(inputs, segment, writer)
+
+
+def materialize_into_region(mm_dict: dict, slots: RegionSlots, consumers: int) -> MaterializedMultimodalInputs:
+    """``materialize(mm_dict)`` with every tensor in slots of ``slots``' region.
+
+    Each valid item's hashed feature goes into a slot of its own, hashed as it is copied, or
+    into nothing new when a slot already holds equal content (``RegionSlots.place``); the
+    request's other non-empty tensors go into one more slot; empty ones stay inline.
+    Raises :class:`RegionFull` with no reference held and no tensor replaced (item hashes
+    already computed stay set, so ``materialize`` does not hash them again).
+    """
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem
+
+    placements = []
+    try:
+        items = mm_dict.get("mm_items") if isinstance(mm_dict, dict) else None
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, MultimodalDataItem) and item.is_valid() and item.hash is None:
+                value = item.feature if item.feature is not None else item.precomputed_embeddings
+                try:
+                    placed = slots.place(value) if value is not None else None
+                except RegionFull as full:
+                    if full.digest is not None:
+                        item.hash = digest_to_hash(full.digest)
+                    raise
+                if placed is not None:
+                    item.hash = digest_to_hash(placed.digest)
+                    placements.append(placed)
+        inputs = materialize(mm_dict)
+        in_slot = {id(leaf): (off, digest_to_hash(p.digest))
+                   for p in placements for leaf, off in zip(p.leaves, p.offsets)}
+        rest: dict[int, tuple[Any, int]] = {}
+        total = 0
+
+        def is_placed(leaf, item_hash) -> bool:
+            found = in_slot.get(id(leaf))
+            return found is not None and item_hash == found[1]
+
+        def visit(leaf, item_hash):
+            nonlocal total
+            if not is_placed(leaf, item_hash) and shm_eligible(leaf) and _nbytes(leaf) \
+                    and id(leaf) not in rest:
+                total = (total + ALIGN - 1) // ALIGN * ALIGN
+                rest[id(leaf)] = (leaf, total)
+                total += _nbytes(leaf)
+            return leaf
+
+        walk_tensors(inputs, visit)
+        rest_slot = slots.allocate(total) if total else None
+    except BaseException:
+        slots.adjust([p.slot.ref() for p in placements], -1)
+        raise
+    refs = list(dict.fromkeys(p.slot.ref() for p in placements))
+    extra = [p.slot.ref() for p in placements]
+    for ref in refs:
+        extra.remove(ref)
+    hold = SlotHold(slots, refs + ([rest_slot.ref()] if rest_slot else []),
+                    sum(p.written for p in placements) + total)
+    try:
+        slots.adjust(extra, -1)  # one creator reference per slot, however many items share it
+        rest_tensors: list[TensorDescriptor] = []
+        if rest_slot is not None:
+            dst = slots.view(rest_slot)
+            for leaf, offset in rest.values():
+                _copy_into(dst, leaf, offset)
+
+        def to_descriptor(leaf, item_hash):
+            if is_placed(leaf, item_hash):
+                return describe(leaf, in_slot[id(leaf)][0], item_hash)
+            if id(leaf) in rest and rest_slot is not None:
+                desc = describe(leaf, rest_slot.offset + rest[id(leaf)][1], item_hash)
+                rest_tensors.append(desc)
+                return desc
+            return leaf
+
+        walk_tensors(inputs, to_descriptor)
+        if rest_slot is not None:
+            slots.publish(rest_slot, slot_digest(rest_slot.ref(), list(dict.fromkeys(rest_tensors))))
+    except BaseException:
+        hold.release()
+        raise
+    region = RegionDescriptor(slots.name, slots.nonce, consumers, tuple(hold.refs))
+    return MaterializedMultimodalInputs(inputs, region, hold)

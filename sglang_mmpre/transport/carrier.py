@@ -67,7 +67,9 @@ def walk_tensors(inputs: Any, fn: Callable[[Leaf, Optional[int]], Leaf]) -> None
     for name in _TOP_FIELDS:
         value = getattr(inputs, name, None)
         if value is not None:
-            setattr(inputs, name, _map_value(value, fn, None))
+            new = _map_value(value, fn, None)
+            if new is not value:
+                setattr(inputs, name, new)
 
 
 class MaterializedMultimodalInputs:

@@ -1,9 +1,11 @@
 """Descriptors: all that crosses a process boundary for a tensor sent through shared memory.
 
-A request's tensors are packed into one segment (see ``segment.py``). Inside the pickled
-``MultimodalInputs`` each tensor is replaced by a :class:`TensorDescriptor`; the request
-also carries one :class:`SegmentDescriptor`. Both are small frozen dataclasses of plain
-values, a few dozen bytes each once pickled, whatever the tensor's size.
+A request's tensors live either in slots of its tokenizer process's warm region (see
+``region.py``; the request carries one :class:`RegionDescriptor`) or, as a fallback, in one
+per-request segment (see ``segment.py``; one :class:`SegmentDescriptor`). Inside the
+pickled ``MultimodalInputs`` each tensor is replaced by a :class:`TensorDescriptor`. All are
+small frozen dataclasses of plain values, a few dozen bytes each once pickled, whatever the
+tensor's size.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ import torch
 __all__ = [
     "TensorDescriptor",
     "SegmentDescriptor",
+    "SlotRef",
+    "RegionDescriptor",
     "dtype_name",
     "torch_dtype",
     "numpy_dtype",
     "table_digest",
+    "slot_digest",
+    "slot_of",
+    "describe",
 ]
 
 # dtypes that may travel; anything else travels inline.
@@ -76,7 +83,7 @@ class TensorDescriptor:
     def expected_nbytes(self) -> int:
         """nbytes implied by dtype and shape; raises KeyError/ValueError when invalid."""
         if self.kind == "torch":
-            itemsize = torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+            itemsize = torch_dtype(self.dtype).itemsize
         elif self.kind == "numpy":
             itemsize = numpy_dtype(self.dtype).itemsize
         else:
@@ -87,6 +94,13 @@ class TensorDescriptor:
                 raise ValueError(f"bad dimension {dim!r}")
             count *= dim
         return count * itemsize
+
+
+def describe(leaf: torch.Tensor | np.ndarray, offset: int, item_hash: Optional[int]) -> TensorDescriptor:
+    """The descriptor of ``leaf`` once its bytes are at ``offset``."""
+    kind = "torch" if isinstance(leaf, torch.Tensor) else "numpy"
+    nbytes = leaf.nbytes if kind == "numpy" else leaf.numel() * leaf.element_size()
+    return TensorDescriptor(kind, dtype_name(leaf), tuple(leaf.shape), offset, nbytes, item_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,59 @@ def table_digest(segment: SegmentDescriptor, tensors: Iterable[TensorDescriptor]
     h = hashlib.sha256()
     h.update(segment.name.encode())
     h.update(struct.pack("<qq", segment.payload_nbytes, segment.consumers))
+    for t in tensors:
+        h.update(
+            repr((t.kind, t.dtype, tuple(t.shape), t.offset, t.nbytes, t.hash)).encode()
+        )
+    return h.digest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRef:
+    """One slot of a region that a request's tensors view.
+
+    ``offset`` and ``nbytes`` locate the slot's payload in the region file; ``generation``
+    must equal the slot table entry's, or the reference is stale (the slot was recycled).
+    A :class:`TensorDescriptor` of the request lies in exactly one slot: its ``offset`` is a
+    region file offset inside ``[offset, offset + nbytes)``.
+    """
+
+    index: int
+    generation: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegionDescriptor:
+    """The region (and the slots in it) a request's tensors live in.
+
+    ``name`` and ``nonce`` identify one region instance (the nonce is also in its header);
+    ``consumers`` is the number of ranks that take a reference per send, as for segments.
+    """
+
+    name: str
+    nonce: bytes
+    consumers: int
+    slots: tuple[SlotRef, ...]
+
+
+def slot_of(slots: Iterable[SlotRef], t: TensorDescriptor) -> Optional[SlotRef]:
+    """The first of ``slots`` whose payload holds ``t`` (a zero-byte tensor may sit at its
+    end). Both sides group a request's descriptors by slot with it."""
+    for r in slots:
+        if r.offset <= t.offset and t.offset + t.nbytes <= r.offset + r.nbytes:
+            return r
+    return None
+
+
+def slot_digest(slot: SlotRef, tensors: Iterable[TensorDescriptor]) -> bytes:
+    """16-byte digest of the descriptors that view one slot, stored in its table entry.
+
+    It covers the slot's place (not its generation: a revived slot keeps its bytes) and
+    each tensor's kind, dtype, shape, offset, nbytes and hash, in walk order.
+    """
+    h = hashlib.sha256(struct.pack("<qq", slot.offset, slot.nbytes))
     for t in tensors:
         h.update(
             repr((t.kind, t.dtype, tuple(t.shape), t.offset, t.nbytes, t.hash)).encode()

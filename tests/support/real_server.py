@@ -126,15 +126,30 @@ def sglang_site(scheme: str, root: Path) -> Optional[Path]:
     return site
 
 
-def segment_files(shm_dir: Path, with_locks: bool = False) -> list[str]:
-    """Names of this project's data files (segments, regions) in ``shm_dir``; with
-    ``with_locks``, its creators' lock files too (each live creator holds one)."""
+def segment_files(shm_dir: Path, with_locks: bool = False, with_regions: bool = False) -> list[str]:
+    """Names of this project's per-request segments in ``shm_dir``; with ``with_regions``,
+    its warm regions too (each tokenizer process keeps one while it lives), and with
+    ``with_locks`` its creators' lock files. Regions are told apart by their header."""
+    from sglang_mmpre.transport.region import REGION_MAGIC
+
     try:
-        names = os.listdir(shm_dir)
+        names = sorted(n for n in os.listdir(shm_dir) if n.startswith("sglmmpre_"))
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.startswith("sglmmpre_")
-                  and (with_locks or not n.endswith(".lock")))
+    out = []
+    for name in names:
+        if name.endswith(".lock"):
+            keep = with_locks
+        else:
+            try:
+                with open(os.path.join(shm_dir, name), "rb") as f:
+                    is_region = f.read(len(REGION_MAGIC)) == REGION_MAGIC
+            except FileNotFoundError:
+                continue
+            keep = with_regions or not is_region
+        if keep:
+            out.append(name)
+    return out
 
 
 _SGLANG_SHM_PREFIXES = ("psm_", "sem.mp-")

@@ -323,8 +323,12 @@ def close_tokenizer_manager(tm: TokenizerManager) -> None:
 
     Closes the manager's ZMQ sockets (linger 0) and terminates their context, shuts down
     the multimodal processor's thread/process pools, and removes the ipc socket files.
-    Safe to call twice. ``TokenizerManager`` itself has no close method.
+    Safe to call twice. ``TokenizerManager`` itself has no close method. Also shuts down
+    its ``TokenizerSide`` (worker threads; unlinks its shared-memory region).
     """
+    mmpre = getattr(tm, "mmpre", None)
+    if mmpre is not None:
+        mmpre.shutdown()
     contexts = []
     for name in ("recv_from_detokenizer", "send_to_scheduler"):
         sock = getattr(tm, name, None)
