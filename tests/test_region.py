@@ -448,3 +448,54 @@ def test_region_deleted_from_outside_aborts_its_unattached_requests_alike_then_a
     assert _region(after).name != lost
     _served(run_ranks(after, TP))
     assert side.region.name in os.listdir(shm_dir)
+
+
+# --- hypothesis: a forged region descriptor yields the real inputs or one abort -------------
+
+def test_fuzzed_region_and_slot_references_yield_result_or_abort_and_open_only_ours(side, shm_dir):
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs
+    from test_forged_input import FUZZ, OpenRecorder, _anything, _check_outcome, _forge_fields
+
+    req = materialized_request(side, "fuzz", 448, 448, seed=40)
+    hold = req.materialized_mm_inputs.writer
+    hold.add_consumers(1 << 40)  # references enough for every example
+    blob = pickle.dumps(req.materialized_mm_inputs)
+    real = req.materialized_mm_inputs.segment
+    ints = st.one_of(st.integers(-(1 << 65), 1 << 65), st.integers(-2, 1 << 22))
+    ref_strategies = {"index": st.one_of(ints, _anything), "generation": st.one_of(ints, _anything),
+                      "offset": st.one_of(ints, _anything), "nbytes": st.one_of(ints, _anything)}
+    region_strategies = {
+        "name": st.one_of(st.text(max_size=40), st.sampled_from(
+            ["../" + real.name, real.name + "\n", real.name.upper(), "/etc/passwd"]), _anything),
+        "nonce": st.one_of(st.binary(min_size=15, max_size=17), _anything),
+        "consumers": st.one_of(st.integers(-3, 8), _anything),
+        "slots": st.one_of(st.just(()), st.just(real.slots[:1]), st.just(real.slots * 2),
+                           st.lists(_anything, max_size=3).map(tuple), _anything),
+    }
+    recorder = OpenRecorder()
+
+    @FUZZ
+    @given(data=st.data())
+    def run(data):
+        m = pickle.loads(blob)
+        if data.draw(st.booleans(), label="forge a slot reference"):
+            k = data.draw(st.integers(0, len(real.slots) - 1), label="slot")
+            slots = list(real.slots)
+            slots[k] = SlotRef(**_forge_fields(data, real.slots[k], ref_strategies))
+            m.segment = dataclasses.replace(real, slots=tuple(slots))
+        else:
+            m.segment = RegionDescriptor(**_forge_fields(data, real, region_strategies))
+        recv = types.SimpleNamespace(materialized_mm_inputs=m, mm_inputs=None)
+        with recorder.active():
+            outcome = take_multimodal_inputs(SchedulerUnderTest(tp_size=TP), recv)
+        _check_outcome(outcome)
+        if outcome[1] is None:
+            assert m.segment == real, "a forged region descriptor was accepted"
+        recorder.assert_only_segments_in(shm_dir)
+
+    run()
+    _settle()
+    side.release(hold)
