@@ -20,7 +20,9 @@ sglang --dataset-name image`` with a fixed seed (the same prompts and images for
 scheme). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
 process is read.
 
-Per scheme, workload and concurrency the JSON row holds the median over rounds of the
+A scheme whose server crashes is recorded under ``failures`` (with its log's tail), the
+rest of its round is skipped, and the run goes on. Per scheme, workload and concurrency
+the JSON row holds the median over rounds of the
 throughput and latency percentiles that bench_serving reports, and the CPU milliseconds
 per request of each process (tokenizer, scheduler_TP0, scheduler_TP1, detokenizer), summed
 over the rounds and divided by the requests served.
@@ -164,6 +166,7 @@ def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[di
         "e2e_p99_ms": round(med("p99_e2e_latency_ms"), 1),
         "cpu_ms_per_req": cpu,
         "requests": served,
+        "rounds_run": len(runs),
         "rounds": [{k: r[k] for k in ("request_throughput", "median_e2e_latency_ms", "cpu_s")}
                    for r in runs],
     }
@@ -184,6 +187,10 @@ def markdown(report: dict) -> str:
             f"({m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB); load average "
             f"{m['load_average_1_5_15']} at start. Medians over {report['config']['rounds']} "
             "interleaved rounds; CPU ms per request summed over the rounds.\n\n")
+    for f in report.get("failures", []):
+        lines.append(f"\n**{f['scheme']} crashed its server** in round {f['round']} at "
+                     f"{f['workload']} C={f['concurrency']}; that round's remaining runs of "
+                     "it are missing (server log tail in the JSON).")
     return head + "\n".join(lines) + "\n"
 
 
@@ -245,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     machine = machine_info()
     model_dir = make_served_qwen2vl(work / "served_qwen2vl")
     runs: dict[tuple, list[dict]] = {}
+    failures: list[dict] = []
     cells = [(w, c) for w in args.workloads for c in args.concurrency]
     total, k = args.rounds * len(cells) * len(args.schemes), 0
     for rnd in range(args.rounds):
@@ -257,7 +265,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 warm_up(server, args.workloads)
                 for w, c in cells:
                     before = server.cpu_seconds()
-                    result = bench_serving(server, model_dir, w, c, args, work / "bench.jsonl")
+                    try:
+                        result = bench_serving(server, model_dir, w, c, args, work / "bench.jsonl")
+                    except RuntimeError as e:
+                        if server.proc.poll() is None:
+                            raise
+                        # The scheme crashed its server: record it, go on with the others.
+                        failures.append({"scheme": s, "round": rnd + 1, "workload": w.name,
+                                         "concurrency": c, "server_log_tail": server.log_tail(40),
+                                         "error": str(e)[-2000:]})
+                        log(f"round {rnd + 1}: {s} crashed its server at {w.name} C={c}; "
+                            f"the rest of its round is skipped (log: {server.log_path})")
+                        k += len(cells) - cells.index((w, c))
+                        break
                     after = server.cpu_seconds()
                     result["cpu_s"] = {p: after[p] - before.get(p, 0.0) for p in after}
                     runs.setdefault((s, w.name, c), []).append(result)
@@ -268,7 +288,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             except BaseException:
                 server.kill()
                 raise
-            server.stop()
+            if server.proc.poll() is None:
+                server.stop()
+            else:
+                server.kill()  # reap what the crash left
     report = {
         "machine": machine,
         "config": {"tp": args.tp, "rounds": args.rounds, "schemes": args.schemes,
@@ -276,7 +299,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "concurrency": args.concurrency, "input_len": args.input_len,
                    "output_len": args.output_len, "elapsed_s": round(time.monotonic() - t0)},
         "results": [summarize(s, w, args.tp, c, runs[(s, w.name, c)])
-                    for w in args.workloads for c in args.concurrency for s in args.schemes],
+                    for w in args.workloads for c in args.concurrency for s in args.schemes
+                    if (s, w.name, c) in runs],
+        "failures": failures,
     }
     report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     stamp = time.strftime("%Y%m%d-%H%M%S")
