@@ -16,8 +16,9 @@ One server runs at a time (each holds about 3 GB). Every round starts each schem
 server in turn, in an order rotated each round, warms it up with requests of every
 workload's shape, drives it once per workload and concurrency, and stops it: so the
 machine's drift hits every scheme alike, and a start-up's cost is never measured. A run is one ``python -m sglang.bench_serving --backend
-sglang --dataset-name image`` with a fixed seed (the same prompts and images for every
-scheme). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
+sglang --dataset-name image`` with a fixed seed (the same image sizes and prompt lengths
+for every scheme; the prompt tokens vary, as bench_serving draws them in the order of the
+tokenizer's ``get_vocab()``, which differs between processes). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
 process is read.
 
 A scheme whose server crashes is recorded under ``failures`` (with its log's tail), the
@@ -131,12 +132,19 @@ def bench_serving(server: RealServer, model_dir: Path, w: Workload, concurrency:
         "--random-range-ratio", "1.0", "--seed", "1", "--warmup-requests", "0",
         "--disable-tqdm", "--output-file", str(out),
     ]
-    out.unlink(missing_ok=True)
-    done = subprocess.run(cmd, env=client_env(), capture_output=True, text=True, timeout=900)
-    if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"bench_serving failed ({done.returncode}):\n{done.stdout[-3000:]}"
-                           f"\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text().splitlines()[-1])
+    for attempt in range(3):
+        out.unlink(missing_ok=True)
+        done = subprocess.run(cmd, env=client_env(), capture_output=True, text=True, timeout=900)
+        if done.returncode == 0 and out.is_file():
+            return json.loads(out.read_text().splitlines()[-1])
+        # bench_serving draws prompt tokens from the whole vocabulary, in the order of
+        # get_vocab(), which differs from process to process: now and then a prompt holds
+        # <|image_pad|> and the processor, building the dataset, wants a second image. The
+        # server never saw it; a new process draws other prompts.
+        if "IndexError" not in done.stderr or server.proc.poll() is not None:
+            break
+    raise RuntimeError(f"bench_serving failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                       f"\n{done.stderr[-3000:]}")
 
 
 def warm_up(server: RealServer, workloads: list[Workload]) -> None:
