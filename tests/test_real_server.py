@@ -166,7 +166,8 @@ def test_client_disconnect_mid_stream_and_abort_request_leave_no_segment(patched
 
     if patched.variant == "tokenizer_workers":
         # /abort_request lands on whichever tokenizer worker uvicorn picks, which need not
-        # be the one that owns the rid: sglang 0.5.5 then aborts nothing (as shipped too).
+        # be the one that owns the rid; seen here: one run of two aborted nothing. Only
+        # the disconnect is checked in this mode.
         assert _wait_no_segments(patched) == []
         return
     rid = "abort-me-1"
