@@ -36,6 +36,8 @@ import re
 import secrets
 import stat
 import threading
+
+from sglang_mmpre.errors import SegmentAllocationError
 from typing import Optional
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "creator_alive",
     "sweep",
     "release_held",
+    "create_owned",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +137,22 @@ def _lock_if_dead(shm_dir: str, stem: str) -> Optional[int]:
         pass
     os.close(fd)
     return None
+
+
+def create_owned(shm_dir: str) -> tuple[str, str, int]:
+    """Create a new file of ours (:func:`new_name`; ``O_EXCL``, mode 0600, read-write) and
+    return ``(name, path, fd)``. Segments and regions are made here, so the sweep covers
+    both. Raises :class:`SegmentAllocationError` naming the fix."""
+    try:
+        name = new_name(shm_dir)
+        path = os.path.join(shm_dir, name)
+        fd = os.open(path, os.O_RDWR | _NOFOLLOW | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise SegmentAllocationError(
+            f"cannot create a file in {shm_dir}: {e.strerror}. Check that {shm_dir} exists "
+            "and is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
+        ) from e
+    return name, path, fd
 
 
 def creator_alive(shm_dir: str, stem: str) -> bool:

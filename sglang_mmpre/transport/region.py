@@ -66,7 +66,7 @@ import threading
 from typing import Iterator, NamedTuple, Optional
 
 from sglang_mmpre.errors import MultimodalTransportError, SegmentAllocationError
-from sglang_mmpre.transport.liveness import new_name
+from sglang_mmpre.transport.liveness import create_owned
 
 __all__ = [
     "REGION_MAGIC",
@@ -92,7 +92,6 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels: pages are touched one b
 if REGION_HEADER.size != HEADER_SIZE or ENTRY.size != 64:  # pragma: no cover - layout guard
     raise ImportError("region layout changed size")
 
-_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def data_offset(slot_count: int) -> int:
@@ -182,20 +181,13 @@ class RegionFile:
     def __init__(self, shm_dir: str, slot_count: int, chunk_bytes: int) -> None:
         if chunk_bytes <= 0 or chunk_bytes % PAGE:
             raise ValueError(f"chunk size {chunk_bytes} is not a positive multiple of {PAGE}")
-        self.name = new_name(shm_dir)  # swept like a segment once its creator is dead
-        self.path = os.path.join(shm_dir, self.name)
         self.nonce = secrets.token_bytes(16)
         self.slot_count = slot_count
         self.chunk_bytes = chunk_bytes
         self.data_offset = data_offset(slot_count)
         self.chunks: list[mmap.mmap] = []
-        try:
-            self._fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            raise SegmentAllocationError(
-                f"cannot create {self.path}: {e.strerror}. Check that {shm_dir} exists and "
-                "is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
-            ) from e
+        # Swept like a segment once its creator is dead.
+        self.name, self.path, self._fd = create_owned(shm_dir)
         try:
             self._reserve(0, self.data_offset)
             self.table = SlotTable(self._fd, slot_count)

@@ -62,7 +62,7 @@ from sglang_mmpre.errors import (
     SegmentUnreachableError,
 )
 from sglang_mmpre.transport.descriptors import SegmentDescriptor
-from sglang_mmpre.transport.liveness import OWNED_NAME_RE, new_name
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE, create_owned
 
 __all__ = [
     "HEADER",
@@ -135,15 +135,7 @@ class SegmentWriter:
         self.payload_nbytes = int(payload_nbytes)
         self.nonce = secrets.token_bytes(16)
         total = HEADER_SIZE + self.payload_nbytes
-        try:
-            self.name = new_name(shm_dir)  # holds this process's creator lock
-            self.path = os.path.join(shm_dir, self.name)
-            self._fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            raise SegmentAllocationError(
-                f"cannot create a segment in {shm_dir}: {e.strerror}. Check that {shm_dir} "
-                "exists and is writable (docker: --shm-size), or set SGLANG_MM_SHM_DIR."
-            ) from e
+        self.name, self.path, self._fd = create_owned(shm_dir)  # holds the creator lock
         try:
             try:
                 os.posix_fallocate(self._fd, 0, total)
