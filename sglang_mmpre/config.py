@@ -20,6 +20,12 @@ variable                              default     meaning
 ``SGLANG_MM_SHM_DIR``                 /dev/shm    where the region and segments live (tmpfs).
 ``SGLANG_MM_MATERIALIZE_THREADS``     2           worker threads that hash and copy off the
                                                   loop.
+``SGLANG_MM_PROCESSOR_WORKERS``       half the    worker processes per TokenizerManager
+                                      usable      process that run the model's multimodal
+                                      cores, 1-8  processor and materialize its output
+                                                  (``tokenizer_side/pool.py``); ``0``: the
+                                                  processor runs on the event loop, as in
+                                                  sglang 0.5.5.
 ====================================  ==========  ===========================================
 """
 
@@ -37,6 +43,7 @@ __all__ = [
     "shm_unusable_reason",
     "shm_dir",
     "DEFAULT_REGION_CHUNK_BYTES",
+    "default_processor_workers",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -54,6 +61,7 @@ class Settings:
     threads: int
     region_chunk_bytes: int = 0
     dedup: bool = True
+    processor_workers: int = 0
 
 
 def _default_cap(shm_dir: str) -> int:
@@ -62,6 +70,15 @@ def _default_cap(shm_dir: str) -> int:
     except OSError:
         return 0
     return (st.f_blocks * st.f_frsize) // 2
+
+
+def default_processor_workers() -> int:
+    """Half the cores this process may run on, at least 1 and at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 def shm_dir(environ: Optional[dict[str, str]] = None) -> str:
@@ -83,6 +100,8 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
         region_chunk_bytes=max(0, int(env.get("SGLANG_MM_SHM_REGION_CHUNK_BYTES",
                                               str(DEFAULT_REGION_CHUNK_BYTES)))),
         dedup=env.get("SGLANG_MM_SHM_DEDUP", "1").strip().lower() in _TRUE,
+        processor_workers=max(0, int(env.get("SGLANG_MM_PROCESSOR_WORKERS",
+                                             str(default_processor_workers())))),
     )
 
 

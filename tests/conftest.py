@@ -57,6 +57,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
+# In-process tests drive the TokenizerManager's own path; tests of the processor pool, and
+# real servers (tests/support/real_server.py), set the pool size themselves.
+os.environ["SGLANG_MM_PROCESSOR_WORKERS"] = "0"
+
+
 @pytest.fixture
 def shm_dir():
     """A private directory on the real tmpfs (/dev/shm when present), removed afterwards."""

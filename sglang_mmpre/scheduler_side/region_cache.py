@@ -65,11 +65,12 @@ from sglang_mmpre.transport.region import (
     REGION_VERSION,
     SlotTable,
     data_offset,
+    is_retired,
     extent,
 )
 
 __all__ = ["AttachedRegion", "attach", "attached_names", "flush", "leases_held",
-           "release_cpu_seconds", "start_releaser"]
+           "open_region", "release_cpu_seconds", "start_releaser"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,20 @@ class AttachedRegion:
         with self._local:
             return sum(self._leases.values())
 
+    def retired(self) -> bool:
+        """Whether its owner retired it: no request will name it again."""
+        return is_retired(self.fd)
+
+    def close(self) -> None:
+        """Unmap and close (only once nothing views a slot)."""
+        for m in list(self._chunks.values()) + [self.table._map]:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still alive; the mapping goes when it is freed
+        self._chunks.clear()
+        os.close(self.fd)
+
 
 class _Lease:
     """What the lease arrays of one request share; its finalizer queues their release."""
@@ -178,7 +193,7 @@ def attach(shm_dir: str, name: str, nonce: bytes) -> AttachedRegion:
     with _ATTACH_LOCK:
         region = _ATTACHED.get(name)
         if region is None:
-            region = _open(shm_dir, name)
+            region = open_region(shm_dir, name)
             _ATTACHED[name] = region
     if region.nonce != nonce:
         raise MultimodalTransportError(
@@ -187,7 +202,9 @@ def attach(shm_dir: str, name: str, nonce: bytes) -> AttachedRegion:
     return region
 
 
-def _open(shm_dir: str, name: str) -> AttachedRegion:
+def open_region(shm_dir: str, name: str) -> AttachedRegion:
+    """Open region ``name`` and check its header (not cached; :func:`attach` caches).
+    Raises :class:`SegmentUnreachableError` or :class:`MultimodalTransportError`."""
     try:
         fd = os.open(os.path.join(shm_dir, name), _OPEN_FLAGS)
     except FileNotFoundError:
@@ -253,11 +270,29 @@ def _release_forever() -> None:
         for region, slots in by_region.items():
             try:
                 region.release(slots)
+                _forget_if_retired(region)
             except Exception:  # keep releasing the others; a bad entry only leaks its slots
                 logger.exception("sglang_mmpre: releasing slots of %s failed", region.name)
         _release_cpu[0] += time.thread_time() - t0
         for event in events:
             event.set()
+
+
+def _forget_if_retired(region: AttachedRegion) -> None:
+    """Unmap a retired region once this rank views none of its slots.
+
+    A region is retired (``transport/region.py``) only when no request can name it again
+    (its owner shut down, or it belonged to a pool worker that died and every request
+    placed there has ended: ``tokenizer_side/pool.py``), so every rank may forget it on
+    its own. Without this, this rank's mappings would keep its pages in the shm directory
+    until the rank exits. A region deleted from outside is not retired: requests already
+    sent may still name it, and the entry rank's verdict on them must hold on every rank.
+    """
+    with _ATTACH_LOCK:
+        if _ATTACHED.get(region.name) is region and region.live_leases() == 0 \
+                and region.retired():
+            del _ATTACHED[region.name]
+            region.close()
 
 
 def release_cpu_seconds() -> float:

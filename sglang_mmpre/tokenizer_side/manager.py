@@ -1,12 +1,16 @@
 """What the patched TokenizerManager calls: :class:`TokenizerSide`.
 
-Three call sites in ``tokenizer_manager.py``:
+Four call sites in ``tokenizer_manager.py``:
 
 1. ``__init__``: ``self.mmpre = TokenizerSide(server_args)`` (sweeps dead segments, then
-   allocates this process's warm region: ``tokenizer_side/slots.py``);
-2. ``_tokenize_one_request``: ``return await self.mmpre.materialize_request(obj)`` on the
+   allocates this process's warm region: ``tokenizer_side/slots.py``, unless a processor
+   pool will do the materializing);
+2. ``__init__``, for a multimodal model: ``self.mm_data_processor =
+   self.mmpre.processor_pool(...)`` starts the pool of processor worker processes
+   (``tokenizer_side/pool.py``) when the model's processor can run in one;
+3. ``_tokenize_one_request``: ``return await self.mmpre.materialize_request(obj)`` on the
    tokenized object, after sglang's processor and validation have run;
-3. every ``send_to_scheduler.send_pyobj`` of a tokenized request goes through
+4. every ``send_to_scheduler.send_pyobj`` of a tokenized request goes through
    ``self.mmpre.send(socket, obj)``, and ``generate_request`` runs inside
    ``with self.mmpre.request_scope():``.
 
@@ -31,11 +35,19 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 from sglang_mmpre.config import Settings, consumers_per_send, load_settings, shm_unusable_reason
 from sglang_mmpre.errors import SegmentAllocationError
 from sglang_mmpre.tokenizer_side.materialize import materialize, materialize_into_region, pack, plan
+from sglang_mmpre.tokenizer_side.pool import (
+    PooledProcessor,
+    PooledResult,
+    ProcessorPool,
+    WorkerSpec,
+    pool_unsupported_reason,
+)
 from sglang_mmpre.tokenizer_side.slots import RegionFull, RegionSlots
 from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs, raw_mm_field
 from sglang_mmpre.transport import liveness
@@ -93,10 +105,12 @@ class TokenizerSide:
     """Per-TokenizerManager-process state: settings, worker threads, held bytes.
 
     One exists in every TokenizerManager process (each ``--tokenizer-worker-num`` worker
-    builds its own), so segments are always written by the process that sends them.
+    builds its own), and one in each of its processor pool workers (``sweep=False``: a
+    dead sibling's region may still serve requests).
     """
 
-    def __init__(self, server_args: Any, settings: Optional[Settings] = None) -> None:
+    def __init__(self, server_args: Any, settings: Optional[Settings] = None, *,
+                 sweep: bool = True) -> None:
         self.settings = settings or load_settings()
         self.consumers = consumers_per_send(server_args)
         self._no_shm_reason = shm_unusable_reason(server_args)
@@ -106,10 +120,40 @@ class TokenizerSide:
         self._region_bytes = 0
         self._warned: set[str] = set()
         self.region: Optional[RegionSlots] = None
+        self.pool: Optional[ProcessorPool] = None
         if self.settings.enabled:
-            liveness.sweep(self.settings.shm_dir)
-            if self._no_shm_reason is None:
+            if sweep:
+                liveness.sweep(self.settings.shm_dir)
+            if self._no_shm_reason is None and self.settings.processor_workers == 0:
                 self._start_region()
+
+    def processor_pool(self, data_processor: Any, hf_config: Any, server_args: Any,
+                       transport_mode: Any) -> Any:
+        """sglang's ``AsyncMMDataProcessor`` (same concurrency cap and timeout) over a
+        :class:`ProcessorPool`, or ``data_processor`` itself when the pool is off
+        (``SGLANG_MM_PROCESSOR_WORKERS=0``) or this model's processor can't run in one
+        (``pool_unsupported_reason``); then this process allocates its own region."""
+        workers = self.settings.processor_workers
+        if not self.settings.enabled or workers <= 0:
+            return data_processor
+        reason = self._no_shm_reason or pool_unsupported_reason(data_processor.mm_processor,
+                                                                server_args)
+        if reason is not None:
+            logger.info("sglang_mmpre: no processor pool for this model: %s.", reason)
+            self._start_region()
+            return data_processor
+        from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
+
+        own = replace(self.settings, processor_workers=0,
+                      shm_cap_bytes=self.settings.shm_cap_bytes // workers)
+        self.pool = ProcessorPool(WorkerSpec(server_args, hf_config, transport_mode, own),
+                                  workers)
+        logger.info("sglang_mmpre: multimodal processor pool of %d worker process(es)", workers)
+        return AsyncMMDataProcessor(
+            PooledProcessor(self.pool, data_processor.mm_processor, self.await_held),
+            max_concurrent_calls=server_args.mm_max_concurrent_calls,
+            timeout_s=server_args.mm_per_request_timeout,
+        )
 
     def _start_region(self) -> None:
         """Allocate and fault in the first chunk of this process's region (if configured)."""
@@ -227,6 +271,19 @@ class TokenizerSide:
         with self._lock:
             self._held_bytes -= nbytes
 
+    # -- in a pool worker (pool_worker.py) ---------------------------------------------
+    def credit(self, nbytes: int) -> None:
+        """Segment bytes whose creator reference the pool's parent has released."""
+        if nbytes:
+            self._uncount(nbytes)
+
+    @staticmethod
+    def hand_over(writer: Any) -> None:
+        """Leave ``writer``'s creator reference to the pool's parent, which took it over
+        (slots need nothing: their references live in the region's table)."""
+        if isinstance(writer, SegmentWriter):
+            writer.hand_over()
+
     def release(self, writer: SegmentWriter) -> None:
         """Drop a segment's creator reference (idempotent); its bytes leave the cap even if
         that raises."""
@@ -241,20 +298,37 @@ class TokenizerSide:
         """Replace the raw multimodal dict of ``tokenized_obj`` by materialized inputs.
 
         Runs in a worker thread; the event loop only awaits. Returns ``tokenized_obj``.
+        A processor pool's result is materialized already (and held by the scope).
         """
         field = raw_mm_field(tokenized_obj)
         raw = getattr(tokenized_obj, field) if field else None
-        if not self.settings.enabled or not isinstance(raw, dict):
+        if isinstance(raw, PooledResult):
+            materialized = raw.materialized
+        elif not self.settings.enabled or not isinstance(raw, dict):
             return tokenized_obj
+        else:
+            loop = asyncio.get_running_loop()
+            materialized = await self.await_held(
+                loop.run_in_executor(self._executor(), self.build, raw))
+        setattr(tokenized_obj, field, None)
+        tokenized_obj.materialized_mm_inputs = materialized
+        return tokenized_obj
+
+    async def await_held(self, future: "asyncio.Future") -> Any:
+        """Await ``future`` (materialized inputs, or a :class:`PooledResult`) and hand the
+        creator reference in its result to the request scope; see Note [creator reference].
+
+        The reference is taken on the loop once the result is there, even if the awaiting
+        task was cancelled meanwhile (then the closed scope, or this, releases it).
+        """
         scope = _current_scope.get()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor(), self.build, raw)
+        awaiting_cancelled = False
 
         def _adopt_or_release(fut) -> None:
-            # Runs on the loop once the worker is done, whether or not we were cancelled.
             if fut.cancelled() or fut.exception() is not None:
                 return
-            writer = fut.result().writer
+            result = fut.result()
+            writer = (result.materialized if isinstance(result, PooledResult) else result).writer
             if writer is None:
                 return
             if scope is not None:
@@ -262,16 +336,12 @@ class TokenizerSide:
             elif awaiting_cancelled:
                 self.release(writer)
 
-        awaiting_cancelled = False
         future.add_done_callback(_adopt_or_release)
         try:
-            materialized = await asyncio.shield(future)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             awaiting_cancelled = True
             raise
-        setattr(tokenized_obj, field, None)
-        tokenized_obj.materialized_mm_inputs = materialized
-        return tokenized_obj
 
     # -- sending ---------------------------------------------------------------------
     @staticmethod
@@ -322,6 +392,8 @@ class TokenizerSide:
         remove this process's lock file if no file of ours is left. The patched
         ``sigterm_watchdog`` calls it once every request has drained, right before sglang
         kills its own process tree (where no ``atexit`` runs)."""
+        if self.pool is not None:
+            self.pool.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         if self.region is not None:

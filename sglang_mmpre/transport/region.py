@@ -22,7 +22,7 @@ Byte layout (little endian; ``P`` = page size, ``S`` = slot count, ``C`` = chunk
 
     0        8        12       16       20       24          32               48         64
     +--------+--------+--------+--------+--------+-----------+----------------+----------+
-    | magic  | version| hdr len| slots S| zero   | chunk C   | nonce (16 B)   | zero     |
+    | magic  | version| hdr len| slots S| retired| chunk C   | nonce (16 B)   | zero     |
     |SGLMMRG1|  u32=1 | u32=64 |  u32   |  u32   |   u64     | random         | 16 B     |
     +--------+--------+--------+--------+--------+-----------+----------------+----------+
     | slot entry 0 (64 B) | slot entry 1 | ... | slot entry S-1 | zero up to a page      |
@@ -38,6 +38,9 @@ Byte layout (little endian; ``P`` = page size, ``S`` = slot count, ``C`` = chunk
     | u64        | i64        | u64 (file) | u64        | 16 B            | 16 B      |
     +------------+------------+------------+------------+-----------------+-----------+
 
+- ``retired``: 0 while requests may name the region; the owner writes 1 just before it
+  unlinks the file when none can any more (at shutdown, or ``tokenizer_side/pool.py`` for
+  a dead worker's region), and ranks then unmap it once they view none of its slots.
 - ``generation``: 0 for a slot never used; otherwise the owner's counter (monotonic, from a
   random start per region) at the moment the slot's refcount last went from 0 to 1. A reference carries it; a rank refuses
   a reference whose generation differs (the slot was recycled) or whose slot has no
@@ -78,6 +81,8 @@ __all__ = [
     "RegionFile",
     "data_offset",
     "extent",
+    "is_retired",
+    "retire",
 ]
 
 REGION_MAGIC = b"SGLMMRG1"
@@ -87,6 +92,8 @@ ENTRY = struct.Struct("<QqQQ16s16s")
 HEADER_SIZE = 64
 PAGE = mmap.PAGESIZE
 _REFCOUNT = struct.Struct("<q")
+_RETIRED = struct.Struct("<I")
+_RETIRED_OFFSET = 20
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels: pages are touched one by one
 
 if REGION_HEADER.size != HEADER_SIZE or ENTRY.size != 64:  # pragma: no cover - layout guard
@@ -102,6 +109,16 @@ def data_offset(slot_count: int) -> int:
 def extent(nbytes: int) -> int:
     """Bytes a slot of ``nbytes`` occupies: whole pages, at least one."""
     return max(PAGE, (nbytes + PAGE - 1) // PAGE * PAGE)
+
+
+def retire(fd: int) -> None:
+    """Mark the region open on ``fd`` retired (see the layout); then unlink it."""
+    os.pwrite(fd, _RETIRED.pack(1), _RETIRED_OFFSET)
+
+
+def is_retired(fd: int) -> bool:
+    """Whether the region open on ``fd`` was retired by its owner."""
+    return _RETIRED.unpack(os.pread(fd, 4, _RETIRED_OFFSET))[0] == 1
 
 
 class SlotEntry(NamedTuple):
@@ -258,6 +275,8 @@ class RegionFile:
                 pass  # a view is still alive; the mapping goes when it is freed
         self.chunks = []
         if unlink:
+            if self._fd >= 0:
+                retire(self._fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         if self._fd >= 0:

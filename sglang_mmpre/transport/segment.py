@@ -191,6 +191,28 @@ class SegmentWriter:
             os.close(self._fd)
             self._fd = -1
 
+    def hand_over(self) -> None:
+        """Give the creator reference to another process of this TokenizerManager (a pool
+        worker hands it to its parent, which takes it with :meth:`adopt`): close this
+        process's fd and mark it released here, leaving the refcount as it is."""
+        self._released = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @classmethod
+    def adopt(cls, shm_dir: str, seg: SegmentDescriptor) -> "SegmentWriter":
+        """Take the creator reference that a pool worker handed over for ``seg``.
+
+        The returned writer adds consumers and releases like the creator's own. Raises as
+        :func:`probe_segment` when the file is gone or not ``seg``.
+        """
+        self = cls.__new__(cls)
+        self._fd, _, _ = _open_ours(shm_dir, seg)
+        self.name, self.path = seg.name, _path(shm_dir, seg.name)
+        self.payload_nbytes, self.nonce = seg.payload_nbytes, seg.nonce
+        return self
+
     def _destroy(self) -> None:
         """Unlink and close after a failed construction."""
         self._released = True

@@ -246,7 +246,10 @@ class RealServer:
             self._own_shm_dir = True
         site = sglang_site(self.config.scheme, self.workdir.parent)
         path = [str(BOOT_DIR)] + ([str(site)] if site else []) + [str(REPO_ROOT)]
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        # The scheme's own settings only (the test session pins the pool size for
+        # in-process tests: tests/conftest.py).
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONPATH", "SGLANG_MM_PROCESSOR_WORKERS")}
         env.update(CPU_ENV, SGLANG_CPU_OMP_THREADS_BIND=omp_threads_bind(self.config.tp))
         env.update(PYTHONPATH=os.pathsep.join(path), SGLANG_MM_SHM_DIR=str(self.shm_dir))
         env.update(dict(self.config.env))

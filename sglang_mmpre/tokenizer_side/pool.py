@@ -1,0 +1,485 @@
+"""The model's multimodal processor in worker processes: the event loop only awaits.
+
+sglang 0.5.5 runs the processor (``process_mm_data_async``: loading and resizing images,
+the HF processor's ``__call__``, MRoPE positions) on the TokenizerManager's event loop,
+the loop that also serves HTTP, returns outputs and handles aborts. :class:`ProcessorPool`
+runs it in ``SGLANG_MM_PROCESSOR_WORKERS`` worker processes of each TokenizerManager
+process (``pool_worker.py``), and materializes its output there.
+
+Note [processor pool]
+---------------------
+- A worker is spawned (it shares no thread or lock with its parent). It builds sglang's own
+  processor objects (``get_processor``, ``get_mm_processor``) and a ``TokenizerSide`` of
+  its own, with a warm region that it alone writes; the cap is shared out evenly.
+- A job is what sglang's ``AsyncMMDataProcessor`` hands its processor: the request object
+  and its image, video and audio data as the client sent them (URLs, base64, bytes). The
+  worker runs the processor and then ``TokenizerSide.build``: the tensors go into its
+  region's slots (else a segment; inline only past the cap). The reply is the processor's
+  ``input_ids`` and the ``MaterializedMultimodalInputs``, whose tensors are descriptors:
+  no feature tensor is pickled.
+- The parent takes the reply's creator reference (:class:`PooledHold`: slots through its
+  own mapping of the worker's slot table, a segment through ``SegmentWriter.adopt``), and
+  the request scope releases it as any other (Note [creator reference] in ``manager.py``).
+  Segment bytes released are credited back to the worker's share of the cap with its next
+  job.
+- Each worker has one job at a time, sent and awaited by a thread of its own in the
+  parent: the loop awaits a future and never touches a pipe.
+- An exception the processor raises comes back and is raised again, so the client gets
+  what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
+  today.
+- A worker that dies fails its one job with :class:`ProcessorWorkerDied`; its thread
+  starts a replacement. Queued jobs wait for it; nothing else fails.
+
+A worker's region (reused shared memory; byte layout in ``transport/region.py``)
+-----------------------------------------------------------------------------------
+==================  ========================================================================
+allocates           the worker (its ``RegionSlots``), growing within its share of the cap
+writes              the worker: payload and table entries, before its reply
+reads               the scheduler ranks (``scheduler_side/region_cache.py``)
+releases            the parent: the creator reference, when the request scope ends; each
+                    rank: its consumer reference, when its last view of the slot is freed
+stale reference     refused by generation (Note [slot isolation] in ``region_cache.py``)
+worker dies         its lock is free, its region stays while requests placed there live;
+                    when the last one ends the parent retires it and sweeps it
+parent dies         the worker reads EOF, unlinks its region and exits
+whole server dies   the next start-up sweep (every worker has its own creator lock)
+==================  ========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from sglang_mmpre.config import Settings
+from sglang_mmpre.errors import MmpreError
+from sglang_mmpre.transport import liveness
+from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
+from sglang_mmpre.transport.descriptors import RegionDescriptor, SegmentDescriptor
+
+__all__ = [
+    "ProcessorPool",
+    "ProcessorWorkerDied",
+    "PooledHold",
+    "PooledProcessor",
+    "PooledResult",
+    "WorkerSpec",
+    "pool_unsupported_reason",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a worker may take to build its processor and region before the pool gives up.
+START_TIMEOUT_S = 300.0
+#: Seconds a worker has to exit after its pipe is closed, before it is killed.
+STOP_TIMEOUT_S = 5.0
+
+
+class ProcessorWorkerDied(MmpreError, ValueError):
+    """The worker process running this request's multimodal processor died.
+
+    A ``ValueError``, as sglang's HTTP server answers those with status 400 and the message
+    (any other exception gives a bare 500). Only the request that worker was processing
+    fails; the pool starts a replacement. Retrying the request is safe.
+    """
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to build sglang's processor and its ``TokenizerSide``."""
+
+    server_args: Any
+    hf_config: Any
+    transport_mode: Any
+    settings: Settings  # the worker's own: its share of the cap, no pool of its own
+
+
+class PooledResult(dict):
+    """What the pool returns to sglang in place of the processor's dict: ``input_ids``
+    only (``_tokenize_one_request`` reads it), and the materialized inputs that
+    ``TokenizerSide.materialize_request`` puts on the tokenized request."""
+
+    def __init__(self, input_ids: list, materialized: MaterializedMultimodalInputs) -> None:
+        super().__init__(input_ids=input_ids)
+        self.materialized = materialized
+
+
+def pool_unsupported_reason(mm_processor: Any, server_args: Any) -> Optional[str]:
+    """Why requests for this model keep today's path (the processor on the loop), or None.
+
+    - the processor runs on a GPU: sglang 0.5.5 passes ``device="cuda"`` to a fast image
+      processor unless ``--disable-fast-image-processor``; or features stay on the device
+      (``--keep-mm-feature-on-device``, ``SGLANG_USE_CUDA_IPC_TRANSPORT``);
+    - the processor has no ``process_mm_data_async`` coroutine.
+    """
+    import inspect
+
+    from sglang.srt.utils import get_bool_env_var
+
+    image_processor = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
+    try:
+        from transformers.image_processing_utils_fast import BaseImageProcessorFast
+    except ImportError:  # pragma: no cover - transformers without fast processors
+        BaseImageProcessorFast = ()
+    if isinstance(image_processor, BaseImageProcessorFast) and not getattr(
+        server_args, "disable_fast_image_processor", False
+    ):
+        return "its fast image processor runs on the GPU (--disable-fast-image-processor: in the pool)"
+    if getattr(server_args, "keep_mm_feature_on_device", False) or get_bool_env_var(
+        "SGLANG_USE_CUDA_IPC_TRANSPORT"
+    ):
+        return "multimodal features stay on the GPU"
+    if not inspect.iscoroutinefunction(getattr(mm_processor, "process_mm_data_async", None)):
+        return f"{type(mm_processor).__name__} has no process_mm_data_async coroutine"
+    return None
+
+
+class PooledHold:
+    """The parent's creator reference on one reply's slots or segment (``inner``).
+
+    It has the interface of ``SegmentWriter`` (``add_consumers``, ``release``), so the
+    request scope and ``TokenizerSide.send`` treat it as any other. ``payload_nbytes`` is
+    0: the bytes count against the worker's share of the cap, not the parent's.
+    """
+
+    payload_nbytes = 0
+
+    def __init__(self, inner: Any, on_release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_release = on_release
+        self.written_nbytes = getattr(inner, "written_nbytes", 0)
+
+    @property
+    def released(self) -> bool:
+        return self._inner.released
+
+    def add_consumers(self, n: int) -> None:
+        self._inner.add_consumers(n)
+
+    def release(self) -> None:
+        if self._inner.released:
+            return
+        try:
+            self._inner.release()
+        finally:
+            self._on_release()
+
+
+class _WorkerRegion:
+    """The parent's handle on one worker region: its slot table, for the refcounts of the
+    slots whose creator reference the parent holds (``SlotHold`` calls :meth:`adjust`)."""
+
+    def __init__(self, shm_dir: str, name: str) -> None:
+        from sglang_mmpre.scheduler_side.region_cache import open_region
+
+        self.attached = open_region(shm_dir, name)
+        self.name = name
+        self.path = os.path.join(shm_dir, name)
+        self.holds = 0
+        self.worker_gone = False
+        self.closed = False
+
+    def adjust(self, refs: list, delta: int) -> None:
+        if self.closed:
+            return  # retired at shutdown: the region is gone with its references
+        with self.attached.table.locked():
+            for ref in refs:
+                self.attached.table.add(ref.index, delta)
+
+    def retire(self) -> None:
+        """No request names it any more: mark it retired, unlink it, close the handle."""
+        from sglang_mmpre.transport.region import retire
+
+        self.closed = True
+        retire(self.attached.fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.attached.close()
+
+
+class _Worker:
+    """The parent's side of one worker process (used by its thread only)."""
+
+    def __init__(self, pool: "ProcessorPool", index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.process: Any = None
+        self.conn: Any = None
+        self.credit = 0  # segment bytes released since the last job (under pool._lock)
+        self.regions: set[str] = set()
+
+    def start(self) -> bool:
+        """Spawn the worker and wait until it is ready; False if it could not start."""
+        from sglang_mmpre.tokenizer_side.pool_worker import main
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=main, args=(child, self.pool.spec),
+                                   name=f"sglang_mmpre-processor-{self.index}", daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise EOFError("no answer")
+            status, detail = parent.recv()
+        except (EOFError, OSError) as e:
+            status, detail = "failed", f"it exited ({self._exit()}) or did not answer: {e}"
+        if status != "ready":
+            self.stop()
+            logger.error("sglang_mmpre: processor worker %d could not start: %s",
+                         self.index, detail)
+            return False
+        logger.info("sglang_mmpre: processor worker %d ready (pid %d)", self.index,
+                    self.process.pid)
+        return True
+
+    def _exit(self) -> str:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        if code is None:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def run(self, job: tuple) -> Any:
+        """Send one job and return the reply; raises :class:`ProcessorWorkerDied`."""
+        with self.pool._lock:
+            credit, self.credit = self.credit, 0
+        try:
+            self.conn.send((credit, job))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            raise  # nothing was written: the job runs in the parent
+        except (OSError, EOFError):
+            pass  # died; recv below says so
+        try:
+            return self.conn.recv()
+        except (OSError, EOFError):
+            pid = self.process.pid
+            raise ProcessorWorkerDied(
+                f"the multimodal processor worker (pid {pid}) running this request died "
+                f"({self._exit()}); a new one is starting. Retry the request. If it "
+                "happens again, look for the OOM killer in the kernel log, or set "
+                "SGLANG_MM_PROCESSOR_WORKERS=0 to run the processor in the tokenizer "
+                "process as sglang does."
+            ) from None
+
+    def stop(self) -> None:
+        """Close the pipe (the worker exits and unlinks its region), kill it if it lingers."""
+        if self.conn is not None:
+            self.conn.close()
+        if self.process is not None:
+            self.process.join(STOP_TIMEOUT_S)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+
+
+class ProcessorPool:
+    """``size`` processor workers for one TokenizerManager process; see the module docstring.
+
+    ``adopt`` is called with each reply's creator reference (a :class:`PooledHold`) in
+    the worker's thread, right before the job's future is resolved.
+    """
+
+    def __init__(self, spec: WorkerSpec, size: int) -> None:
+        self.spec = spec
+        self.size = size
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._regions: dict[str, _WorkerRegion] = {}
+        self._workers = [_Worker(self, i) for i in range(size)]
+        self._serving = size  # threads still able to start a worker
+        self.failed: Optional[str] = None  # set when no worker could start
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, args=(w,), daemon=True,
+                             name=f"sglang_mmpre-pool-{w.index}")
+            for w in self._workers
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- the parent's threads, one per worker -----------------------------------------
+    def _serve(self, worker: _Worker) -> None:
+        while not self._closed:
+            if not worker.start():
+                self._give_up()
+                return
+            while True:
+                item = self._jobs.get()
+                if item is None:
+                    worker.stop()
+                    self._worker_gone(worker)
+                    return
+                future, job = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    reply = worker.run(job)
+                except ProcessorWorkerDied as e:
+                    logger.error("sglang_mmpre: %s", e)
+                    future.set_exception(e)
+                    worker.stop()
+                    self._worker_gone(worker)
+                    break  # start a replacement
+                except BaseException as e:  # noqa: BLE001 - e.g. the job can't be pickled
+                    future.set_exception(_RunInParent(e))
+                    continue
+                self._settle(worker, future, reply)
+
+    def _give_up(self) -> None:
+        """One thread less; the last one hands every queued job back to the parent."""
+        with self._lock:
+            self._serving -= 1
+            if self._serving or self._closed:
+                return
+            self.failed = "no processor worker could start (see the log above)"
+        logger.error("sglang_mmpre: %s; the processor runs in the tokenizer process, as "
+                     "in sglang.", self.failed)
+        while True:  # hand queued jobs back to the parent
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[0].set_running_or_notify_cancel():
+                item[0].set_exception(_RunInParent(None))
+
+    def _settle(self, worker: _Worker, future: Future, reply: tuple) -> None:
+        status, payload = reply
+        if status == "error":
+            future.set_exception(payload)
+            return
+        input_ids, materialized = payload
+        try:
+            materialized.writer = self._hold(worker, materialized)
+        except BaseException as e:  # noqa: BLE001 - the reply's files are gone already
+            future.set_exception(e)
+            return
+        future.set_result(PooledResult(input_ids, materialized))
+
+    def _hold(self, worker: _Worker, materialized: MaterializedMultimodalInputs) -> Any:
+        """The parent's creator reference on a reply's slots or segment (or None)."""
+        from sglang_mmpre.tokenizer_side.slots import SlotHold
+        from sglang_mmpre.transport.segment import SegmentWriter
+
+        where = materialized.segment
+        if isinstance(where, RegionDescriptor):
+            with self._lock:
+                region = self._regions.get(where.name)
+                if region is None:
+                    region = _WorkerRegion(self.spec.settings.shm_dir, where.name)
+                    self._regions[where.name] = region
+                    worker.regions.add(where.name)
+                region.holds += 1
+            return PooledHold(SlotHold(region, list(where.slots), 0),
+                              lambda: self._region_released(region))
+        if isinstance(where, SegmentDescriptor):
+            writer = SegmentWriter.adopt(self.spec.settings.shm_dir, where)
+            return PooledHold(writer, lambda: self._credit(worker, where.payload_nbytes))
+        return None
+
+    def _credit(self, worker: _Worker, nbytes: int) -> None:
+        with self._lock:
+            worker.credit += nbytes
+
+    def _region_released(self, region: _WorkerRegion) -> None:
+        with self._lock:
+            region.holds -= 1
+            done = region.worker_gone and region.holds == 0 and not region.closed
+            if done:
+                del self._regions[region.name]
+        if done:
+            self._retire(region)
+
+    def _worker_gone(self, worker: _Worker) -> None:
+        """Retire each region of a stopped worker that no request holds any more."""
+        idle = []
+        with self._lock:
+            for name in worker.regions:
+                region = self._regions.get(name)
+                if region is None:
+                    continue
+                region.worker_gone = True
+                if region.holds == 0:
+                    idle.append(self._regions.pop(name))
+            worker.regions = set()
+        for region in idle:
+            self._retire(region)
+
+    def _retire(self, region: _WorkerRegion) -> None:
+        try:
+            region.retire()
+            liveness.sweep(self.spec.settings.shm_dir)  # the dead worker's lock file, if any
+        except OSError:
+            logger.exception("sglang_mmpre: removing region %s failed", region.path)
+
+    # -- the event loop's side ----------------------------------------------------------
+    def submit(self, job: dict) -> Future:
+        """Queue one processor call; the future gives a :class:`PooledResult`, raises what
+        the processor raised, :class:`ProcessorWorkerDied`, or ``_RunInParent``."""
+        future: Future = Future()
+        with self._lock:  # _give_up drains the queue once failed is set
+            if self.failed is None and not self._closed:
+                self._jobs.put((future, job))
+                return future
+        future.set_exception(_RunInParent(None))
+        return future
+
+    def shutdown(self) -> None:
+        """Stop every worker (each unlinks its region), then retire what is left."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(STOP_TIMEOUT_S + 2.0)
+        with self._lock:
+            regions, self._regions = list(self._regions.values()), {}
+        for region in regions:
+            if not region.closed:
+                self._retire(region)
+
+
+class _RunInParent(Exception):
+    """Internal: the pool can't take this job (``cause``); it runs in the parent."""
+
+    def __init__(self, cause: Optional[BaseException]) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+
+class PooledProcessor:
+    """What sglang's ``AsyncMMDataProcessor`` calls when the pool is on.
+
+    ``local`` is sglang's processor in this process: jobs the pool can't take run there,
+    as today. ``await_held`` is ``TokenizerSide.await_held`` (the request scope takes the
+    reply's creator reference).
+    """
+
+    def __init__(self, pool: ProcessorPool, local: Any,
+                 await_held: Callable[[Any], Awaitable[Any]]) -> None:
+        self.pool = pool
+        self.local = local
+        self._await_held = await_held
+
+    async def process_mm_data_async(self, **job: Any) -> Any:
+        future = self.pool.submit(job)
+        try:
+            return await self._await_held(asyncio.wrap_future(future))
+        except _RunInParent:
+            return await self.local.process_mm_data_async(**job)
+        except asyncio.CancelledError:
+            future.cancel()  # still queued: never runs (running: the scope releases it)
+            raise

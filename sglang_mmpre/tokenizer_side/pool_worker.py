@@ -1,0 +1,110 @@
+"""One processor worker process: sglang's processor, then this project's materialization.
+
+Started by ``pool.ProcessorPool`` (spawn); see Note [processor pool] in ``pool.py``. The
+pipe to the parent carries, one at a time::
+
+    parent -> worker   (credit, job)         credit: segment bytes the parent released
+                                             since the last job; job: the keyword
+                                             arguments of process_mm_data_async
+    worker -> parent   ("ready", pid) once, then per job one of
+                       ("ok", (input_ids, MaterializedMultimodalInputs))
+                       ("error", the exception the processor raised)
+
+The worker exits when the parent closes its end (shutdown, or the parent died), after
+unlinking its region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_processor(server_args: Any) -> Any:
+    """The HF processor, loaded as ``TokenizerManager.__init__`` loads it."""
+    from sglang.srt.utils.hf_transformers_utils import get_processor
+
+    kwargs = dict(tokenizer_mode=server_args.tokenizer_mode,
+                  trust_remote_code=server_args.trust_remote_code,
+                  revision=server_args.revision)
+    try:
+        return get_processor(server_args.tokenizer_path,
+                             use_fast=not server_args.disable_fast_image_processor, **kwargs)
+    except ValueError as e:
+        if "does not have a slow version" not in str(e):
+            raise
+        return get_processor(server_args.tokenizer_path, use_fast=True, **kwargs)
+
+
+def _build(spec: Any) -> tuple[Any, Any]:
+    """sglang's multimodal processor object and this worker's ``TokenizerSide``."""
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.server_args import set_global_server_args_for_tokenizer
+
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+
+    set_global_server_args_for_tokenizer(spec.server_args)
+    import_processors("sglang.srt.multimodal.processors")
+    mm_processor = get_mm_processor(spec.hf_config, spec.server_args,
+                                    _load_processor(spec.server_args), spec.transport_mode)
+    # No sweep here: a dead sibling's region may still serve requests (pool.py).
+    side = TokenizerSide(spec.server_args, spec.settings, sweep=False)
+    return mm_processor, side
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable exception
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
+    loop = asyncio.new_event_loop()
+    while True:
+        try:
+            credit, job = conn.recv()
+        except (EOFError, OSError):
+            return
+        side.credit(credit)
+        try:
+            mm_dict = loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+            input_ids = mm_dict.get("input_ids") if isinstance(mm_dict, dict) else None
+            materialized = side.build(mm_dict)
+        except Exception as e:  # noqa: BLE001 - the processor's error goes to the request
+            conn.send(("error", _portable(e)))
+            continue
+        writer = materialized.writer
+        try:
+            conn.send(("ok", (input_ids, materialized)))
+        except BaseException:
+            if writer is not None:
+                side.release(writer)  # the parent never got it
+            raise
+        if writer is not None:
+            side.hand_over(writer)
+
+
+def main(conn: Any, spec: Any) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s")
+    try:
+        mm_processor, side = _build(spec)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which goes on without
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        conn.send(("ready", os.getpid()))
+        _serve(conn, mm_processor, side)
+    finally:
+        side.shutdown()
