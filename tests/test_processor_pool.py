@@ -11,14 +11,11 @@ the next one is served by its replacement, and every file goes once nothing need
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import pickle
 import re
 import signal
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from sglang_mmpre.tokenizer_side.pool import PooledProcessor, ProcessorWorkerDie
 from sglang_mmpre.transport.descriptors import RegionDescriptor
 from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 
+from server_cases import stalling_image_url
 from scheduler_harness import DistributedCallCounter, SchedulerUnderTest
 from test_materialize_equivalence import assert_equal_inputs
 from test_patched_request_path import _jpeg, _legacy_request
@@ -143,33 +141,6 @@ def test_processor_error_reaches_the_request_as_in_sglang(pooled, model_dir, mon
     assert asyncio.run(tokenize_one(pooled, image_data=[_jpeg()])).materialized_mm_inputs
 
 
-@contextlib.contextmanager
-def _stalling_image_server():
-    """An HTTP server that accepts and never answers; ``hit`` is set on each connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    hit, conns, done = threading.Event(), [], threading.Event()
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            hit.set()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/image.jpg", hit
-    finally:
-        done.set()
-        listener.close()
-        for conn in conns:
-            conn.close()
-        thread.join(5)
-
-
 def test_killed_worker_fails_only_its_request_and_is_replaced_without_leaks(pooled, shm_dir):
     from tiny_models import tokenize_one
 
@@ -196,7 +167,7 @@ def test_killed_worker_fails_only_its_request_and_is_replaced_without_leaks(pool
         # ... and goes, with the dead worker's lock file, once it ended.
         return first_region, victim
 
-    with _stalling_image_server() as (url, hit):
+    with stalling_image_url() as (url, hit):
         first_region, victim = asyncio.run(scenario(url, hit))
     left = os.listdir(shm_dir)
     assert first_region not in left

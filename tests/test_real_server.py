@@ -3,9 +3,12 @@
 One as-shipped server answers every case first (its outputs, its error for a corrupt image,
 its collectives), then stops. Then each patched variant starts in turn and must match it:
 
-- ``optimized``: this project's patch;
+- ``optimized``: this project's patch, the processor in a pool of one worker process;
+- ``pool_2``: the same with two processor workers;
+- ``no_pool``: the same with ``SGLANG_MM_PROCESSOR_WORKERS=0`` (the processor on the
+  tokenizer's event loop, as in sglang);
 - ``switch_off``: the same patch with ``SGLANG_MM_PREMATERIALIZE=0``;
-- ``tokenizer_workers``: the patch with ``--tokenizer-worker-num 2``.
+- ``tokenizer_workers``: the patch with ``--tokenizer-worker-num 2`` (a pool each).
 
 A random tiny model writes the same tokens for any image, so the comparison is on token ids
 *and* logprobs: bitwise for sequential requests (``test_logprobs_depend_on_the_image`` shows
@@ -14,6 +17,8 @@ that they do carry the image). Only one server runs at a time (3 to 4 GB each).
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from real_server import RealServer, ServerConfig, segment_files
+from real_server import RealServer, ServerConfig, mapped_shm_files, segment_files
 from server_cases import (
     FORGE_PREFIX,
     SEQUENTIAL_CASES,
@@ -34,6 +39,7 @@ from server_cases import (
     image,
     in_request_handling,
     post,
+    stalling_image_url,
 )
 from tiny_models import IMAGE_PLACEHOLDER
 
@@ -68,10 +74,17 @@ def reference(served_model, tmp_path_factory) -> dict:
     return ref
 
 
+def _pool(n: int) -> tuple:
+    return (("SGLANG_MM_PROCESSOR_WORKERS", str(n)),)
+
+
 VARIANTS = {
-    "optimized": ServerConfig("optimized"),
+    "optimized": ServerConfig("optimized", env=_pool(1)),
+    "pool_2": ServerConfig("optimized", env=_pool(2)),
+    "no_pool": ServerConfig("optimized", env=_pool(0)),
     "switch_off": ServerConfig("optimized", env=(("SGLANG_MM_PREMATERIALIZE", "0"),)),
-    "tokenizer_workers": ServerConfig("optimized", extra_args=("--tokenizer-worker-num", "2")),
+    "tokenizer_workers": ServerConfig("optimized", extra_args=("--tokenizer-worker-num", "2"),
+                                      env=_pool(1)),
 }
 
 
@@ -84,7 +97,8 @@ def patched(request, served_model, tmp_path_factory, reference):
     config = ServerConfig(
         base.scheme, base.tp, base.extra_args,
         base.env + (("SGLANG_MMPRE_TEST_COLLECTIVE_LOG", log_dir),
-                    ("SGLANG_MMPRE_TEST_FORGE_PREFIX", FORGE_PREFIX)),
+                    ("SGLANG_MMPRE_TEST_FORGE_PREFIX", FORGE_PREFIX),
+                    ("REQUEST_TIMEOUT", "120")),  # sglang's image download timeout
     )
     server = RealServer(config, served_model, work / "server").start()
     server.variant = request.param
@@ -216,3 +230,44 @@ def test_one_hundred_image_requests_keep_live_segments_bounded(patched):
     # At most one segment per request in flight, plus the tokenizer's warm region.
     assert max(live) <= concurrency + 1, f"live files peaked at {max(live)}"
     assert _wait_no_segments(patched) == []
+
+
+def _processor_worker(server: RealServer) -> int:
+    (pid,) = [p for p, role in server.processes().items() if role == "mm_processor_0"]
+    return pid
+
+
+def _mapping(pattern: str, timeout: float = 30.0) -> list[str]:
+    """Paths of shm files whose name contains ``pattern`` that a live process still maps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(n for n in mapped_shm_files() if pattern in n)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def test_killed_processor_worker_fails_only_its_request_and_is_replaced(patched, reference):
+    if patched.variant != "optimized":
+        pytest.skip("runs once, on the variant with one processor worker")
+    assert case_one_image(patched.url) == reference["one_1120x700_image"]
+    victim = _processor_worker(patched)
+    with stalling_image_url() as (url, hit), ThreadPoolExecutor(2) as pool:
+        stalled = pool.submit(post, patched.url, "/generate",
+                              dict(gen_body(0, seed=0), text="Stalled: " + IMAGE_PLACEHOLDER,
+                                   image_data=url))
+        assert hit.wait(60), "the processor worker never fetched the image"
+        queued = pool.submit(case_one_image, patched.url)
+        time.sleep(0.5)  # let it queue behind the stalled one
+        os.kill(victim, signal.SIGKILL)
+        r = stalled.result(timeout=120)
+        assert r.status_code == 400, r.text
+        assert f"pid {victim})" in r.text and "died" in r.text, r.text
+        assert queued.result(timeout=300) == reference["one_1120x700_image"]
+    assert _processor_worker(patched) != victim
+    assert case_one_image(patched.url) == reference["one_1120x700_image"]
+    assert _wait_no_segments(patched) == []
+    # The dead worker's region was retired: no file of it is left, and no rank maps it.
+    stem = f"sglmmpre_{victim}_"
+    assert [n for n in os.listdir(patched.shm_dir) if n.startswith(stem)] == []
+    assert _mapping(stem) == []

@@ -224,7 +224,7 @@ class _Worker:
 
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=main, args=(child, self.pool.spec),
+        self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)
         self.process.start()
         child.close()

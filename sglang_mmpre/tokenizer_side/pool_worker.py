@@ -94,8 +94,15 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
             side.hand_over(writer)
 
 
-def main(conn: Any, spec: Any) -> None:
-    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+def main(conn: Any, spec: Any, index: int) -> None:
+    """Entry point of worker ``index`` (``multiprocessing`` spawn target). It is named
+    ``sglang::mm_processor_<index>``, as sglang names its own processes."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"sglang::mm_processor_{index}")
+    except ImportError:  # pragma: no cover - sglang depends on it
+        pass
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s] sglang_mmpre processor worker: %(message)s")
     try:

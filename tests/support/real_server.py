@@ -48,6 +48,7 @@ __all__ = [
     "ServerFailed",
     "sglang_site",
     "segment_files",
+    "mapped_shm_files",
     "client_env",
 ]
 
@@ -165,7 +166,7 @@ def _sglang_shm_files() -> list[str]:
         return []
 
 
-def _mapped_shm_files() -> set[str]:
+def mapped_shm_files() -> set[str]:
     """Names of ``/dev/shm`` files that some live process maps."""
     names = set()
     for entry in os.listdir("/proc"):
@@ -376,7 +377,7 @@ class RealServer:
     def _finish(self, expect_clean: bool) -> int:
         rc = self.proc.returncode
         self._reap_group()
-        mapped = _mapped_shm_files()
+        mapped = mapped_shm_files()
         for name in sorted(set(_sglang_shm_files()) - self._shm_before - mapped):
             try:
                 os.unlink(os.path.join("/dev/shm", name))

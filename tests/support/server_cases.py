@@ -7,6 +7,9 @@ the prompt length. Images are deterministic (:func:`tiny_models.make_image`).
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -30,6 +33,7 @@ __all__ = [
     "corrupt_image_answer",
     "collective_deltas",
     "in_request_handling",
+    "stalling_image_url",
 ]
 
 FORGE_PREFIX = "forge-"
@@ -166,3 +170,32 @@ def collective_deltas(server: Any, log_dir: str, n: int = 3) -> dict[str, dict]:
 def in_request_handling(counts: dict) -> int:
     """Collectives made under a request handler (keys: see ``collective_counter``)."""
     return sum(v for k, v in counts.items() if k.startswith("handle_"))
+
+
+@contextlib.contextmanager
+def stalling_image_url():
+    """``(url, hit)``: an image URL whose HTTP server accepts and never answers, so that
+    the processor that fetches it is busy until it is killed (sglang's ``load_image``
+    waits up to ``REQUEST_TIMEOUT`` seconds); ``hit`` is set on each connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    hit, conns, done = threading.Event(), [], threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            hit.set()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/image.jpg", hit
+    finally:
+        done.set()
+        listener.close()
+        for conn in conns:
+            conn.close()
+        thread.join(5)
