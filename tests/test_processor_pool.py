@@ -190,3 +190,19 @@ def test_fast_image_processor_on_the_gpu_keeps_the_processor_in_the_tokenizer(
     finally:
         close_tokenizer_manager(tm)
     assert os.listdir(shm_dir) == []
+
+
+def test_worker_killed_while_idle_fails_no_request(pooled):
+    from tiny_models import tokenize_one
+
+    (worker,) = pooled.mmpre.pool._workers
+    victim = worker.process.pid
+    os.kill(victim, signal.SIGKILL)
+    worker.process.join(30)
+    assert not worker.process.is_alive()
+    req = asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=5)]))
+    (replacement,) = _worker_pids(pooled)
+    assert replacement != victim
+    region = req.materialized_mm_inputs.segment
+    assert int(OWNED_NAME_RE.match(region.name).group(2)) == replacement
+    pooled.mmpre.release_unsent(req)

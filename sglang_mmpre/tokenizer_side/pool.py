@@ -8,7 +8,8 @@ process (``pool_worker.py``), and materializes its output there.
 
 Note [processor pool]
 ---------------------
-- A worker is spawned (it shares no thread or lock with its parent). It builds sglang's own
+- A worker is forked from a forkserver (it shares no thread or lock with its parent) that
+  has imported ``pool_worker`` and with it sglang's processor modules. It builds sglang's own
   processor objects (``get_processor``, ``get_mm_processor``) and a ``TokenizerSide`` of
   its own, with a warm region that it alone writes; the cap is shared out evenly.
 - A job is what sglang's ``AsyncMMDataProcessor`` hands its processor: the request object
@@ -28,7 +29,11 @@ Note [processor pool]
   what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
   today.
 - A worker that dies fails its one job with :class:`ProcessorWorkerDied`; its thread
-  starts a replacement. Queued jobs wait for it; nothing else fails.
+  starts a replacement. Queued jobs wait for it; nothing else fails (a worker found dead
+  when a job is taken, having died while idle, fails none).
+- The pool is built when the TokenizerManager is, and waits for every worker's first
+  start (seconds; it overlaps the scheduler's model loading). A worker that can't start
+  leaves the others; with none, every job runs in the parent, as today.
 
 A worker's region (reused shared memory; byte layout in ``transport/region.py``)
 -----------------------------------------------------------------------------------
@@ -217,16 +222,25 @@ class _Worker:
         self.conn: Any = None
         self.credit = 0  # segment bytes released since the last job (under pool._lock)
         self.regions: set[str] = set()
+        self.stem: Optional[str] = None  # its creator stem (liveness), once it is ready
 
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
         from sglang_mmpre.tokenizer_side.pool_worker import main
 
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([main.__module__])
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)
-        self.process.start()
+        try:
+            self.process.start()
+        except Exception as e:  # noqa: BLE001 - e.g. this process is daemonic
+            logger.error("sglang_mmpre: cannot start processor worker %d: %s", self.index, e)
+            parent.close()
+            child.close()
+            self.process = None
+            return False
         child.close()
         self.conn = parent
         try:
@@ -240,6 +254,7 @@ class _Worker:
             logger.error("sglang_mmpre: processor worker %d could not start: %s",
                          self.index, detail)
             return False
+        self.stem = detail
         logger.info("sglang_mmpre: processor worker %d ready (pid %d)", self.index,
                     self.process.pid)
         return True
@@ -277,6 +292,7 @@ class _Worker:
         """Close the pipe (the worker exits and unlinks its region), kill it if it lingers."""
         if self.conn is not None:
             self.conn.close()
+            self.conn = None
         if self.process is not None:
             self.process.join(STOP_TIMEOUT_S)
             if self.process.is_alive():
@@ -285,11 +301,8 @@ class _Worker:
 
 
 class ProcessorPool:
-    """``size`` processor workers for one TokenizerManager process; see the module docstring.
-
-    ``adopt`` is called with each reply's creator reference (a :class:`PooledHold`) in
-    the worker's thread, right before the job's future is resolved.
-    """
+    """``size`` processor workers for one TokenizerManager process; see the module
+    docstring. The constructor returns once every worker has started (or failed to)."""
 
     def __init__(self, spec: WorkerSpec, size: int) -> None:
         self.spec = spec
@@ -301,6 +314,7 @@ class ProcessorPool:
         self._serving = size  # threads still able to start a worker
         self.failed: Optional[str] = None  # set when no worker could start
         self._closed = False
+        self._started = threading.Semaphore(0)  # one release per thread's first start
         self._threads = [
             threading.Thread(target=self._serve, args=(w,), daemon=True,
                              name=f"sglang_mmpre-pool-{w.index}")
@@ -308,19 +322,37 @@ class ProcessorPool:
         ]
         for t in self._threads:
             t.start()
+        # Wait for the first start of every worker (it overlaps the scheduler's model
+        # loading), so that no early request spends sglang's per-request timeout on it.
+        for _ in self._threads:
+            self._started.acquire()
 
     # -- the parent's threads, one per worker -----------------------------------------
     def _serve(self, worker: _Worker) -> None:
-        while not self._closed:
-            if not worker.start():
-                self._give_up()
+        carried = None  # a job taken when the worker turned out dead: for its replacement
+        first = True
+        while True:
+            started = worker.start()
+            if first:
+                first = False
+                self._started.release()
+            if not started:
+                self._give_up(carried)
                 return
             while True:
-                item = self._jobs.get()
+                item, carried = (carried or self._jobs.get()), None
                 if item is None:
                     worker.stop()
                     self._worker_gone(worker)
                     return
+                if not worker.process.is_alive():  # it died while idle: this job never ran
+                    logger.error("sglang_mmpre: processor worker %d (pid %d) died while idle "
+                                 "(%s); starting a new one", worker.index, worker.process.pid,
+                                 worker._exit())
+                    carried = item
+                    worker.stop()
+                    self._worker_gone(worker)
+                    break
                 future, job = item
                 if not future.set_running_or_notify_cancel():
                     continue
@@ -337,8 +369,11 @@ class ProcessorPool:
                     continue
                 self._settle(worker, future, reply)
 
-    def _give_up(self) -> None:
-        """One thread less; the last one hands every queued job back to the parent."""
+    def _give_up(self, carried: Optional[tuple]) -> None:
+        """One thread less; the last one hands every queued job back to the parent (a job
+        this thread carried goes back to the parent in any case)."""
+        if carried is not None and carried[0].set_running_or_notify_cancel():
+            carried[0].set_exception(_RunInParent(None))
         with self._lock:
             self._serving -= 1
             if self._serving or self._closed:
@@ -402,9 +437,11 @@ class ProcessorPool:
             self._retire(region)
 
     def _worker_gone(self, worker: _Worker) -> None:
-        """Retire each region of a stopped worker that no request holds any more."""
+        """Retire each region of a stopped worker that no request holds any more; with
+        none held, sweep its files now (it may have died before any reply)."""
         idle = []
         with self._lock:
+            held = False
             for name in worker.regions:
                 region = self._regions.get(name)
                 if region is None:
@@ -412,14 +449,20 @@ class ProcessorPool:
                 region.worker_gone = True
                 if region.holds == 0:
                     idle.append(self._regions.pop(name))
+                else:
+                    held = True
             worker.regions = set()
         for region in idle:
             self._retire(region)
+        if not held and worker.stem is not None:
+            liveness.sweep(self.spec.settings.shm_dir, only=worker.stem)
 
     def _retire(self, region: _WorkerRegion) -> None:
+        """Retire and unlink a dead worker's region; then sweep that worker's files."""
         try:
             region.retire()
-            liveness.sweep(self.spec.settings.shm_dir)  # the dead worker's lock file, if any
+            stem = liveness.OWNED_NAME_RE.match(region.name).group(1)
+            liveness.sweep(self.spec.settings.shm_dir, only=stem)
         except OSError:
             logger.exception("sglang_mmpre: removing region %s failed", region.path)
 

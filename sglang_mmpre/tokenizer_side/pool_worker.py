@@ -1,12 +1,14 @@
 """One processor worker process: sglang's processor, then this project's materialization.
 
-Started by ``pool.ProcessorPool`` (spawn); see Note [processor pool] in ``pool.py``. The
-pipe to the parent carries, one at a time::
+Started by ``pool.ProcessorPool`` from a forkserver that imported this module (so sglang,
+torch, transformers and sglang's processor modules are loaded once, and a replacement
+starts in about a second); see Note [processor pool] in ``pool.py``. The pipe to the
+parent carries, one at a time::
 
     parent -> worker   (credit, job)         credit: segment bytes the parent released
                                              since the last job; job: the keyword
                                              arguments of process_mm_data_async
-    worker -> parent   ("ready", pid) once, then per job one of
+    worker -> parent   ("ready", creator stem) once, then per job one of
                        ("ok", (input_ids, MaterializedMultimodalInputs))
                        ("error", the exception the processor raised)
 
@@ -18,19 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pickle
 from typing import Any
+
+from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+from sglang.srt.server_args import set_global_server_args_for_tokenizer
+from sglang.srt.utils.hf_transformers_utils import get_processor
+
+from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+from sglang_mmpre.transport import liveness
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
+import_processors("sglang.srt.multimodal.processors")  # once, in the forkserver
+
 
 def _load_processor(server_args: Any) -> Any:
     """The HF processor, loaded as ``TokenizerManager.__init__`` loads it."""
-    from sglang.srt.utils.hf_transformers_utils import get_processor
-
     kwargs = dict(tokenizer_mode=server_args.tokenizer_mode,
                   trust_remote_code=server_args.trust_remote_code,
                   revision=server_args.revision)
@@ -45,13 +53,7 @@ def _load_processor(server_args: Any) -> Any:
 
 def _build(spec: Any) -> tuple[Any, Any]:
     """sglang's multimodal processor object and this worker's ``TokenizerSide``."""
-    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
-    from sglang.srt.server_args import set_global_server_args_for_tokenizer
-
-    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
-
     set_global_server_args_for_tokenizer(spec.server_args)
-    import_processors("sglang.srt.multimodal.processors")
     mm_processor = get_mm_processor(spec.hf_config, spec.server_args,
                                     _load_processor(spec.server_args), spec.transport_mode)
     # No sweep here: a dead sibling's region may still serve requests (pool.py).
@@ -95,7 +97,7 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
 
 
 def main(conn: Any, spec: Any, index: int) -> None:
-    """Entry point of worker ``index`` (``multiprocessing`` spawn target). It is named
+    """Entry point of worker ``index`` (``multiprocessing`` target). It is named
     ``sglang::mm_processor_<index>``, as sglang names its own processes."""
     try:
         import setproctitle
@@ -111,7 +113,7 @@ def main(conn: Any, spec: Any, index: int) -> None:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     try:
-        conn.send(("ready", os.getpid()))
+        conn.send(("ready", liveness.creator_stem(spec.settings.shm_dir)))
         _serve(conn, mm_processor, side)
     finally:
         side.shutdown()

@@ -183,12 +183,12 @@ def _unlink_regular(path: str) -> bool:
         raise
 
 
-def sweep(shm_dir: str) -> list[str]:
+def sweep(shm_dir: str, only: Optional[str] = None) -> list[str]:
     """Remove the files of dead creators, then their lock files; return the names removed.
 
     Only regular files named exactly ``<stem>_<24 hex>`` or ``<stem>.lock`` are
     considered, and a creator that holds its lock (a running server, in any pid
-    namespace) keeps every file.
+    namespace) keeps every file. ``only``: the files of that one creator stem.
     """
     try:
         entries = os.listdir(shm_dir)
@@ -203,6 +203,8 @@ def sweep(shm_dir: str) -> list[str]:
             by_stem.setdefault(name[: -len(_LOCK_SUFFIX)], [])
     removed = []
     for stem, names in sorted(by_stem.items()):
+        if only is not None and stem != only:
+            continue
         fd = _lock_if_dead(shm_dir, stem)
         if fd is None:
             continue
