@@ -10,23 +10,40 @@ random Qwen2-VL, the CPU flags, patched copies of sglang first on the path):
 
 Not run by default: ``optimized_segments``, the same patch with the warm region off
 (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``: one fresh segment per request), to compare the two
-transports side by side (``--schemes optimized,optimized_segments``).
+transports side by side (``--schemes optimized,optimized_segments``); and
+``optimized_w0``, ``optimized_w1``, ``optimized_w2``, the same patch with
+``SGLANG_MM_PROCESSOR_WORKERS`` = 0, 1, 2 (the processor on the event loop, or in a pool
+of that many worker processes), to compare pool sizes.
 
 One server runs at a time (each holds about 3 GB). Every round starts each scheme's
 server in turn, in an order rotated each round, warms it up with requests of every
 workload's shape, drives it once per workload and concurrency, and stops it: so the
-machine's drift hits every scheme alike, and a start-up's cost is never measured. A run is one ``python -m sglang.bench_serving --backend
-sglang --dataset-name image`` with a fixed seed (the same image sizes and prompt lengths
-for every scheme; the prompt tokens vary, as bench_serving draws them in the order of the
-tokenizer's ``get_vocab()``, which differs between processes). Around each run the CPU time (utime + stime, ``/proc/<pid>/stat``) of every server
-process is read.
+machine's drift hits every scheme alike, and a start-up's cost is never measured. A run is
+one ``python -m sglang.bench_serving --backend sglang --dataset-name image`` with a fixed
+seed (the same image sizes and prompt lengths for every scheme; the prompt tokens vary, as
+bench_serving draws them in the order of the tokenizer's ``get_vocab()``, which differs
+between processes). Around each run the CPU
+time (utime + stime, ``/proc/<pid>/stat``) of every server process is read.
+
+Every server samples the event-loop lag of its TokenizerManager
+(``tests/support/loop_lag.py``, switched on by ``SGLANG_MMPRE_TEST_LOOP_LAG_LOG``, a fresh
+directory per server): every ~5 ms, how late a 5 ms ``asyncio.sleep`` woke up, i.e. how
+long the loop was busy with something else, such as the multimodal processor. The samples
+taken while a run's ``bench_serving`` load ran (its reported duration, up to the end of
+the process) are kept for that run.
 
 A scheme whose server crashes is recorded under ``failures`` (with its log's tail), the
 rest of its round is skipped, and the run goes on. Per scheme, workload and concurrency
 the JSON row holds the median over rounds of the
 throughput and latency percentiles that bench_serving reports, and the CPU milliseconds
-per request of each process (tokenizer, scheduler_TP0, scheduler_TP1, detokenizer), summed
-over the rounds and divided by the requests served.
+per request of each process (tokenizer, mm_processors: the processor pool's workers
+together, scheduler_TP0, scheduler_TP1, detokenizer), summed
+over the rounds and divided by the requests served; ``loop_lag_p99_ms`` and
+``loop_lag_max_ms``, the p99 and the maximum of the loop-lag samples of all its runs; and
+``processor_workers``, the processor-pool size of the server's TokenizerManager
+(``sglang_mmpre.config.load_settings`` on the server's environment for the ``optimized*``
+variants; 0 for the other schemes, and with ``SGLANG_MM_PREMATERIALIZE=0``, where the
+processor runs on the event loop as in sglang 0.5.5).
 
 Workloads are named WIDTHxHEIGHT. bench_serving's ``--image-resolution`` is HEIGHTxWIDTH
 (``parse_image_resolution`` in sglang 0.5.5), so 1120x700 is passed as ``700x1120``.
@@ -56,19 +73,25 @@ from benchmarks import _standin
 _standin.install()
 
 from benchmarks.report import machine_info, write_json  # noqa: E402
+from loop_lag import collect_lags, percentile  # noqa: E402
 from real_server import SCHEMES, RealServer, ServerConfig, client_env  # noqa: E402
 from served_model import make_served_qwen2vl  # noqa: E402
 from server_cases import generate, image, post  # noqa: E402
+from sglang_mmpre.config import load_settings  # noqa: E402
 
 __all__ = ["main", "Workload"]
 
 DEFAULT_OUT = _standin.REPO_ROOT / "benchmarks" / "results"
-PROCESSES = ("tokenizer", "scheduler_TP0", "scheduler_TP1", "detokenizer")
+PROCESSES = ("tokenizer", "mm_processors", "scheduler_TP0", "scheduler_TP1", "detokenizer")
 VARIANTS = {s: ServerConfig(s) for s in SCHEMES} | {
     "optimized_segments": ServerConfig(
         "optimized", env=(("SGLANG_MM_SHM_REGION_CHUNK_BYTES", "0"),)
     ),
+} | {
+    f"optimized_w{n}": ServerConfig("optimized", env=(("SGLANG_MM_PROCESSOR_WORKERS", str(n)),))
+    for n in (0, 1, 2)
 }
+LOOP_LAG_ENV = "SGLANG_MMPRE_TEST_LOOP_LAG_LOG"
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,32 @@ def bench_serving(server: RealServer, model_dir: Path, w: Workload, concurrency:
                        f"\n{done.stderr[-3000:]}")
 
 
+def _by_process(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per process between two readings; the processor pool's workers
+    (``mm_processor_<i>``) summed as ``mm_processors``."""
+    out: dict[str, float] = {}
+    for role, t in after.items():
+        key = "mm_processors" if role.startswith("mm_processor_") else role
+        out[key] = out.get(key, 0.0) + t - before.get(role, 0.0)
+    return out
+
+
+def processor_workers(server: RealServer) -> int:
+    """Processor-pool size of the server's TokenizerManager; 0 where the processor runs on
+    the event loop (every scheme but ``optimized``, or ours switched off)."""
+    if server.config.scheme != "optimized":
+        return 0
+    with open(f"/proc/{server.proc.pid}/environ", "rb") as f:  # what the server was given
+        env = dict(item.decode(errors="replace").partition("=")[::2]
+                   for item in f.read().split(b"\0") if item)
+    settings = load_settings(env)
+    return settings.processor_workers if settings.enabled else 0
+
+
+def _ms(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 2)
+
+
 def warm_up(server: RealServer, workloads: list[Workload]) -> None:
     """Requests of every workload's shape, so no measured run pays first-request costs."""
     for w in workloads:
@@ -160,8 +209,10 @@ def warm_up(server: RealServer, workloads: list[Workload]) -> None:
     post(server.url, "/flush_cache", {})
 
 
-def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[dict]) -> dict:
+def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[dict],
+              workers: int) -> dict:
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    lags = [x for r in runs for x in r["loop_lag_ms"]]
     served = sum(r["completed"] for r in runs)
     cpu = {p: round(1000 * sum(r["cpu_s"].get(p, 0.0) for r in runs) / served, 2)
            for p in sorted({p for r in runs for p in r["cpu_s"]})}
@@ -173,28 +224,37 @@ def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[di
         "e2e_p50_ms": round(med("median_e2e_latency_ms"), 1),
         "e2e_p99_ms": round(med("p99_e2e_latency_ms"), 1),
         "cpu_ms_per_req": cpu,
+        "loop_lag_p99_ms": _ms(percentile(lags, 99)),
+        "loop_lag_max_ms": _ms(max(lags, default=None)),
+        "loop_lag_samples": len(lags),
+        "processor_workers": workers,
         "requests": served,
         "rounds_run": len(runs),
         "rounds": [{k: r[k] for k in ("request_throughput", "median_e2e_latency_ms", "cpu_s")}
+                   | {"loop_lag_p99_ms": _ms(percentile(r["loop_lag_ms"], 99))}
                    for r in runs],
     }
 
 
 def markdown(report: dict) -> str:
     cols = ["scheme", "workload", "C", "req/s", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"]
-    cols += [f"CPU ms/req {p}" for p in PROCESSES]
+    cols += [f"CPU ms/req {p}" for p in PROCESSES] + ["loop lag p99 ms", "proc workers"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         cells = [r["scheme"], r["workload"], str(r["concurrency"]), f"{r['throughput_rps']:.2f}",
                  f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
                  f"{r['e2e_p50_ms']:.0f}", f"{r['e2e_p99_ms']:.0f}"]
         cells += [f"{r['cpu_ms_per_req'].get(p, float('nan')):.1f}" for p in PROCESSES]
+        lag = r["loop_lag_p99_ms"]
+        cells += ["n/a" if lag is None else f"{lag:.1f}", str(r["processor_workers"])]
         lines.append("| " + " | ".join(cells) + " |")
     m = report["machine"]
     head = (f"Real sglang {m['sglang']} server, TP={report['config']['tp']}, CPU "
             f"({m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB); load average "
             f"{m['load_average_1_5_15']} at start. Medians over {report['config']['rounds']} "
-            "interleaved rounds; CPU ms per request summed over the rounds.\n\n")
+            "interleaved rounds; CPU ms per request summed over the rounds; loop lag: p99 of the "
+            "TokenizerManager's event-loop lag over all rounds' runs; proc workers: its "
+            "processor-pool size (0: the processor runs on the event loop).\n\n")
     for f in report.get("failures", []):
         lines.append(f"\n**{f['scheme']} crashed its server** in round {f['round']} at "
                      f"{f['workload']} C={f['concurrency']}; that round's remaining runs of "
@@ -260,6 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     machine = machine_info()
     model_dir = make_served_qwen2vl(work / "served_qwen2vl")
     runs: dict[tuple, list[dict]] = {}
+    workers: dict[str, int] = {}
     failures: list[dict] = []
     cells = [(w, c) for w in args.workloads for c in args.concurrency]
     total, k = args.rounds * len(cells) * len(args.schemes), 0
@@ -267,12 +328,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         order = args.schemes[rnd % len(args.schemes):] + args.schemes[:rnd % len(args.schemes)]
         for s in order:
             log(f"round {rnd + 1}: starting {s} (TP={args.tp})")
-            server = RealServer(replace(VARIANTS[s], tp=args.tp), model_dir, work / f"{s}-{rnd}")
+            server_dir = work / f"{s}-{rnd}"
+            server_dir.mkdir(parents=True, exist_ok=True)
+            lag_dir = Path(tempfile.mkdtemp(prefix="loop_lag-", dir=server_dir))
+            config = VARIANTS[s]
+            config = replace(config, tp=args.tp, env=config.env + ((LOOP_LAG_ENV, str(lag_dir)),))
+            server = RealServer(config, model_dir, server_dir)
             server.start()
             try:
+                workers[s] = processor_workers(server)
                 warm_up(server, args.workloads)
                 for w, c in cells:
                     before = server.cpu_seconds()
+                    started = time.time()
                     try:
                         result = bench_serving(server, model_dir, w, c, args, work / "bench.jsonl")
                     except RuntimeError as e:
@@ -286,13 +354,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                             f"the rest of its round is skipped (log: {server.log_path})")
                         k += len(cells) - cells.index((w, c))
                         break
+                    ended = time.time()
+                    # bench_serving starts up for seconds before its load: keep its load only.
+                    started = max(started, ended - float(result.get("duration", 0.0)) - 0.5)
                     after = server.cpu_seconds()
-                    result["cpu_s"] = {p: after[p] - before.get(p, 0.0) for p in after}
+                    result["cpu_s"] = _by_process(after, before)
+                    result["loop_lag_ms"] = collect_lags(lag_dir, started, ended)
                     runs.setdefault((s, w.name, c), []).append(result)
                     k += 1
+                    lag = percentile(result["loop_lag_ms"], 99)
                     log(f"[{k}/{total}] round {rnd + 1} {s:18s} {w.name:9s} C={c:<3d} "
                         f"{result['request_throughput']:6.2f} req/s  "
-                        f"E2E p50 {result['median_e2e_latency_ms']:7.0f} ms")
+                        f"E2E p50 {result['median_e2e_latency_ms']:7.0f} ms  loop lag p99 "
+                        f"{float('nan') if lag is None else lag:6.1f} ms")
             except BaseException:
                 server.kill()
                 raise
@@ -306,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "workloads": [asdict(w) for w in args.workloads],
                    "concurrency": args.concurrency, "input_len": args.input_len,
                    "output_len": args.output_len, "elapsed_s": round(time.monotonic() - t0)},
-        "results": [summarize(s, w, args.tp, c, runs[(s, w.name, c)])
+        "results": [summarize(s, w, args.tp, c, runs[(s, w.name, c)], workers[s])
                     for w in args.workloads for c in args.concurrency for s in args.schemes
                     if (s, w.name, c) in runs],
         "failures": failures,

@@ -5,7 +5,8 @@ Python imports this module at start-up in the launcher and in every process sgla
 (tokenizer, scheduler ranks, detokenizer). It installs the GPU-module stand-in and, when
 ``SGLANG_MMPRE_TEST_COLLECTIVE_LOG`` names a directory, the collective counter
 (``collective_counter.py``); when ``SGLANG_MMPRE_TEST_FORGE_PREFIX`` is set, the forge hook
-(``forge_hook.py``).
+(``forge_hook.py``); when ``SGLANG_MMPRE_TEST_LOOP_LAG_LOG`` names a directory, the
+TokenizerManager's event-loop lag sampler (``loop_lag.py``).
 """
 
 import os
@@ -28,3 +29,8 @@ if os.environ.get("SGLANG_MMPRE_TEST_FORGE_PREFIX"):
     import forge_hook  # noqa: E402
 
     forge_hook.install(os.environ["SGLANG_MMPRE_TEST_FORGE_PREFIX"])
+
+if os.environ.get("SGLANG_MMPRE_TEST_LOOP_LAG_LOG"):
+    import loop_lag  # noqa: E402
+
+    loop_lag.install(os.environ["SGLANG_MMPRE_TEST_LOOP_LAG_LOG"])
