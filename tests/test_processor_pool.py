@@ -28,16 +28,10 @@ from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 from server_cases import stalling_image_url
 from scheduler_harness import DistributedCallCounter, SchedulerUnderTest
 from test_materialize_equivalence import assert_equal_inputs
-from test_patched_request_path import _jpeg, _legacy_request
+from test_patched_request_path import _jpeg, _legacy_request, model_dir  # noqa: F401 - fixture
+from test_region_request_path import _Socket
 
 BOOT_DIR = Path(__file__).resolve().parent / "support" / "server_boot"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny_models import make_tiny_qwen2vl
-
-    return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
 
 
 @pytest.fixture
@@ -49,7 +43,7 @@ def pooled(model_dir, shm_dir, monkeypatch):
     monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
     monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
     monkeypatch.setenv("REQUEST_TIMEOUT", "120")  # sglang's image download timeout
-    # The spawned workers import sglang too: they need the GPU-module stand-in.
+    # The workers import sglang too: they need the GPU-module stand-in.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
     tm = make_tokenizer_manager(model_dir)
     try:
@@ -68,14 +62,6 @@ def _worker_pids(tm) -> list[int]:
 def _refcounts(tm, region: RegionDescriptor) -> list[int]:
     table = tm.mmpre.pool._regions[region.name].attached.table
     return [table.refcount(ref.index) for ref in region.slots]
-
-
-class _Socket:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send_pyobj(self, obj) -> None:
-        self.sent.append(pickle.dumps(obj))
 
 
 def test_pooled_request_equals_legacy_from_dict_with_tensors_in_the_workers_region(

@@ -16,8 +16,9 @@ Note [processor pool]
   and its image, video and audio data as the client sent them (URLs, base64, bytes). The
   worker runs the processor and then ``TokenizerSide.build``: the tensors go into its
   region's slots (else a segment; inline only past the cap). The reply is the processor's
-  ``input_ids`` and the ``MaterializedMultimodalInputs``, whose tensors are descriptors:
-  no feature tensor is pickled.
+  ``input_ids`` (if it made them) and the ``MaterializedMultimodalInputs``, whose tensors
+  are descriptors: no feature tensor is pickled. sglang's LLaVA processor, which sends
+  each image to a process pool of its own, uses a thread of the worker instead.
 - The parent takes the reply's creator reference (:class:`PooledHold`: slots through its
   own mapping of the worker's slot table, a segment through ``SegmentWriter.adopt``), and
   the request scope releases it as any other (Note [creator reference] in ``manager.py``).
@@ -108,12 +109,12 @@ class WorkerSpec:
 
 
 class PooledResult(dict):
-    """What the pool returns to sglang in place of the processor's dict: ``input_ids``
-    only (``_tokenize_one_request`` reads it), and the materialized inputs that
-    ``TokenizerSide.materialize_request`` puts on the tokenized request."""
+    """What the pool returns to sglang in place of the processor's dict: its
+    ``input_ids``, if it had them (``_tokenize_one_request`` reads them), and the
+    materialized inputs that ``TokenizerSide.materialize_request`` puts on the request."""
 
-    def __init__(self, input_ids: list, materialized: MaterializedMultimodalInputs) -> None:
-        super().__init__(input_ids=input_ids)
+    def __init__(self, passed: dict, materialized: MaterializedMultimodalInputs) -> None:
+        super().__init__(passed)
         self.materialized = materialized
 
 
@@ -394,13 +395,13 @@ class ProcessorPool:
         if status == "error":
             future.set_exception(payload)
             return
-        input_ids, materialized = payload
+        passed, materialized = payload
         try:
             materialized.writer = self._hold(worker, materialized)
         except BaseException as e:  # noqa: BLE001 - the reply's files are gone already
             future.set_exception(e)
             return
-        future.set_result(PooledResult(input_ids, materialized))
+        future.set_result(PooledResult(passed, materialized))
 
     def _hold(self, worker: _Worker, materialized: MaterializedMultimodalInputs) -> Any:
         """The parent's creator reference on a reply's slots or segment (or None)."""

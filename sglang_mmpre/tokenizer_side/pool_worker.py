@@ -9,7 +9,7 @@ parent carries, one at a time::
                                              since the last job; job: the keyword
                                              arguments of process_mm_data_async
     worker -> parent   ("ready", creator stem) once, then per job one of
-                       ("ok", (input_ids, MaterializedMultimodalInputs))
+                       ("ok", ({"input_ids": ...} or {}, MaterializedMultimodalInputs))
                        ("error", the exception the processor raised)
 
 The worker exits when the parent closes its end (shutdown, or the parent died), after
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
@@ -56,6 +57,11 @@ def _build(spec: Any) -> tuple[Any, Any]:
     set_global_server_args_for_tokenizer(spec.server_args)
     mm_processor = get_mm_processor(spec.hf_config, spec.server_args,
                                     _load_processor(spec.server_args), spec.transport_mode)
+    # sglang's LLaVA processor sends each image to its own process pool (fork, one process
+    # per core; a daemonic worker may not start them): here it runs in the worker itself.
+    if isinstance(getattr(mm_processor, "cpu_executor", None), ProcessPoolExecutor):
+        mm_processor.cpu_executor.shutdown(wait=False)
+        mm_processor.cpu_executor = ThreadPoolExecutor(max_workers=1)
     # No sweep here: a dead sibling's region may still serve requests (pool.py).
     side = TokenizerSide(spec.server_args, spec.settings, sweep=False)
     return mm_processor, side
@@ -80,14 +86,15 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
         side.credit(credit)
         try:
             mm_dict = loop.run_until_complete(mm_processor.process_mm_data_async(**job))
-            input_ids = mm_dict.get("input_ids") if isinstance(mm_dict, dict) else None
+            # what _tokenize_one_request reads of the dict (LLaVA's has no input_ids)
+            passed = {k: mm_dict[k] for k in ("input_ids",) if k in mm_dict}
             materialized = side.build(mm_dict)
         except Exception as e:  # noqa: BLE001 - the processor's error goes to the request
             conn.send(("error", _portable(e)))
             continue
         writer = materialized.writer
         try:
-            conn.send(("ok", (input_ids, materialized)))
+            conn.send(("ok", (passed, materialized)))
         except BaseException:
             if writer is not None:
                 side.release(writer)  # the parent never got it

@@ -521,3 +521,110 @@ def whisper_audio_features(audio: np.ndarray, sr: int = 16000) -> dict[str, torc
         return_attention_mask=True,
     )
     return {"input_features": out["input_features"], "attention_mask": out["attention_mask"]}
+
+
+# --------------------------------------------------------------------------------------
+# Tiny LLaVA (sglang's LlavaImageProcessor path)
+# --------------------------------------------------------------------------------------
+
+#: The LLaVA image token of the tiny LLaVA vocabulary (byte tokens occupy 0..255).
+LLAVA_IMAGE_TOKEN: str = "<image>"
+LLAVA_SPECIAL_TOKEN_IDS: dict[str, int] = {"<|endoftext|>": 256, LLAVA_IMAGE_TOKEN: 257}
+
+# Flat LLaVA-1.5-style config: sglang reads a ``Llava*ForCausalLM`` config's text fields
+# from its top level (``get_hf_text_config``) and ``image_aspect_ratio`` for its processor.
+_LLAVA_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "model_type": "llava",
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "torch_dtype": "float16",
+    "bos_token_id": LLAVA_SPECIAL_TOKEN_IDS["<|endoftext|>"],
+    "eos_token_id": LLAVA_SPECIAL_TOKEN_IDS["<|endoftext|>"],
+    "pad_token_id": LLAVA_SPECIAL_TOKEN_IDS["<|endoftext|>"],
+    "image_token_index": LLAVA_SPECIAL_TOKEN_IDS[LLAVA_IMAGE_TOKEN],
+    "image_aspect_ratio": "pad",
+    "mm_vision_tower": "tiny-clip",
+    "mm_hidden_size": 32,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 224,
+        "patch_size": 14,
+    },
+    "text_config": {
+        "model_type": "llama",
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
+
+
+def make_tiny_llava(dest: Path) -> Path:
+    """Write a tiny, weightless LLaVA-1.5-style model directory at ``dest`` and return it.
+
+    ``config.json`` names ``LlavaLlamaForCausalLM`` (so sglang 0.5.5 picks its
+    ``LlavaImageProcessor``, with ``image_aspect_ratio="pad"``) and carries the text
+    fields at its top level as LLaVA-1.5 checkpoints do; the processor is a
+    ``LlavaProcessor`` with a default ``CLIPImageProcessor`` (224x224 crops) and a
+    byte-level BPE tokenizer (256 byte tokens, then :data:`LLAVA_SPECIAL_TOKEN_IDS`).
+    No weights: it is only good for the tokenizer/processor side of sglang.
+
+    Idempotent like :func:`make_tiny_qwen2vl`; ``config.json`` is written last.
+    """
+    from transformers import CLIPImageProcessor, LlavaProcessor, Qwen2TokenizerFast
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    dest = Path(dest)
+    config_text = json.dumps(_LLAVA_CONFIG, indent=2, sort_keys=True) + "\n"
+    config_path = dest / "config.json"
+    if config_path.is_file() and config_path.read_text() == config_text:
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    byte_to_char = bytes_to_unicode()
+    vocab_path, merges_path = dest / "vocab.json", dest / "merges.txt"
+    vocab_path.write_text(json.dumps({byte_to_char[b]: b for b in range(256)}, ensure_ascii=False))
+    merges_path.write_text("#version: 0.2\n")
+    tokenizer = Qwen2TokenizerFast(
+        vocab_file=str(vocab_path),
+        merges_file=str(merges_path),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in LLAVA_SPECIAL_TOKEN_IDS}
+    if got != LLAVA_SPECIAL_TOKEN_IDS:  # pragma: no cover - guards a transformers change
+        raise RuntimeError(f"tiny LLaVA tokenizer special ids {got} != {LLAVA_SPECIAL_TOKEN_IDS}")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token=LLAVA_IMAGE_TOKEN,
+    )
+    processor.save_pretrained(str(dest))
+    config_path.write_text(config_text)
+    return dest
+
+
+__all__ += ["LLAVA_IMAGE_TOKEN", "LLAVA_SPECIAL_TOKEN_IDS", "make_tiny_llava"]
