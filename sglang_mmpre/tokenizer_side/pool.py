@@ -55,6 +55,7 @@ whole server dies   the next start-up sweep (every worker has its own creator lo
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import multiprocessing
 import os
@@ -126,8 +127,6 @@ def pool_unsupported_reason(mm_processor: Any, server_args: Any) -> Optional[str
       (``--keep-mm-feature-on-device``, ``SGLANG_USE_CUDA_IPC_TRANSPORT``);
     - the processor has no ``process_mm_data_async`` coroutine.
     """
-    import inspect
-
     from sglang.srt.utils import get_bool_env_var
 
     image_processor = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
