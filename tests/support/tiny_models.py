@@ -48,7 +48,7 @@ import os
 import sys
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -192,6 +192,17 @@ def _install_standin() -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _new_config_text(dest: Path, config: dict) -> Optional[str]:
+    """The ``config.json`` text to write last into ``dest`` (created), or None when ``dest``
+    already holds exactly that config (a complete directory: nothing to rewrite)."""
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    path = dest / "config.json"
+    if path.is_file() and path.read_text() == text:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    return text
+
+
 def make_tiny_qwen2vl(dest: Path) -> Path:
     """Write a tiny, weightless Qwen2-VL model directory at ``dest`` and return it.
 
@@ -208,11 +219,9 @@ def make_tiny_qwen2vl(dest: Path) -> Path:
     Takes milliseconds once ``transformers`` is imported.
     """
     dest = Path(dest)
-    config_text = json.dumps(_CONFIG, indent=2, sort_keys=True) + "\n"
-    config_path = dest / "config.json"
-    if config_path.is_file() and config_path.read_text() == config_text:
+    config_text = _new_config_text(dest, _CONFIG)
+    if config_text is None:
         return dest
-    dest.mkdir(parents=True, exist_ok=True)
 
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
@@ -223,22 +232,16 @@ def make_tiny_qwen2vl(dest: Path) -> Path:
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
     if got != SPECIAL_TOKEN_IDS:  # pragma: no cover - guards a transformers change
         raise RuntimeError(f"tiny tokenizer special ids {got} != {SPECIAL_TOKEN_IDS}")
-    config_path.write_text(config_text)
+    (dest / "config.json").write_text(config_text)
     return dest
 
 
-def save_qwen2vl_tokenizer_and_processor(
-    dest: Path, vocab: dict[str, int], merges: list[str]
-) -> Any:
-    """Write a byte-level BPE tokenizer (``vocab``, ``merges``, then Qwen's special tokens)
-    and a default ``Qwen2VLProcessor`` with the chat template at ``dest``; return the
-    tokenizer. Both slow (``vocab.json``/``merges.txt``) and fast forms are written."""
-    from transformers import (
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _byte_bpe_tokenizer(dest: Path, vocab: dict[str, int], merges: list[str],
+                        specials: list[str]) -> Any:
+    """A fast byte-level BPE tokenizer from ``vocab`` and ``merges`` (also written to
+    ``dest`` as ``vocab.json``/``merges.txt``), then ``specials``; ``<|endoftext|>`` ends
+    and pads."""
+    from transformers import Qwen2TokenizerFast
 
     vocab_path, merges_path = dest / "vocab.json", dest / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False))
@@ -251,7 +254,19 @@ def save_qwen2vl_tokenizer_and_processor(
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL_TOKENS[1:])})
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    return tokenizer
+
+
+def save_qwen2vl_tokenizer_and_processor(
+    dest: Path, vocab: dict[str, int], merges: list[str]
+) -> Any:
+    """Write a byte-level BPE tokenizer (``vocab``, ``merges``, then Qwen's special tokens)
+    and a default ``Qwen2VLProcessor`` with the chat template at ``dest``; return the
+    tokenizer. Both slow (``vocab.json``/``merges.txt``) and fast forms are written."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = _byte_bpe_tokenizer(dest, vocab, merges, list(_SPECIAL_TOKENS[1:]))
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(),
         tokenizer=tokenizer,
@@ -590,28 +605,16 @@ def make_tiny_llava(dest: Path) -> Path:
 
     Idempotent like :func:`make_tiny_qwen2vl`; ``config.json`` is written last.
     """
-    from transformers import CLIPImageProcessor, LlavaProcessor, Qwen2TokenizerFast
+    from transformers import CLIPImageProcessor, LlavaProcessor
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
     dest = Path(dest)
-    config_text = json.dumps(_LLAVA_CONFIG, indent=2, sort_keys=True) + "\n"
-    config_path = dest / "config.json"
-    if config_path.is_file() and config_path.read_text() == config_text:
+    config_text = _new_config_text(dest, _LLAVA_CONFIG)
+    if config_text is None:
         return dest
-    dest.mkdir(parents=True, exist_ok=True)
     byte_to_char = bytes_to_unicode()
-    vocab_path, merges_path = dest / "vocab.json", dest / "merges.txt"
-    vocab_path.write_text(json.dumps({byte_to_char[b]: b for b in range(256)}, ensure_ascii=False))
-    merges_path.write_text("#version: 0.2\n")
-    tokenizer = Qwen2TokenizerFast(
-        vocab_file=str(vocab_path),
-        merges_file=str(merges_path),
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    tokenizer = _byte_bpe_tokenizer(dest, {byte_to_char[b]: b for b in range(256)}, [],
+                                    [LLAVA_IMAGE_TOKEN])
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in LLAVA_SPECIAL_TOKEN_IDS}
     if got != LLAVA_SPECIAL_TOKEN_IDS:  # pragma: no cover - guards a transformers change
         raise RuntimeError(f"tiny LLaVA tokenizer special ids {got} != {LLAVA_SPECIAL_TOKEN_IDS}")
@@ -623,7 +626,7 @@ def make_tiny_llava(dest: Path) -> Path:
         image_token=LLAVA_IMAGE_TOKEN,
     )
     processor.save_pretrained(str(dest))
-    config_path.write_text(config_text)
+    (dest / "config.json").write_text(config_text)
     return dest
 
 
