@@ -78,6 +78,7 @@ from real_server import SCHEMES, RealServer, ServerConfig, client_env  # noqa: E
 from served_model import make_served_qwen2vl  # noqa: E402
 from server_cases import generate, image, post  # noqa: E402
 from sglang_mmpre.config import load_settings  # noqa: E402
+from sglang_mmpre.transport import liveness  # noqa: E402
 
 __all__ = ["main", "Workload"]
 
@@ -374,6 +375,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 server.stop()
             else:
                 server.kill()  # reap what the crash left
+                # and remove its files, as the next start-up's sweep on its directory would
+                liveness.sweep(str(server.shm_dir))
+                if not any(server.shm_dir.iterdir()):
+                    server.shm_dir.rmdir()
     report = {
         "machine": machine,
         "config": {"tp": args.tp, "rounds": args.rounds, "schemes": args.schemes,
