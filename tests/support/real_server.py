@@ -67,7 +67,10 @@ CPU_FLAGS = (
     "--skip-server-warmup",
     "--grammar-backend", "none",
     "--sleep-on-idle",
-    "--max-total-tokens", "16384",
+    # Room for 16 concurrent 1120x700 requests (about 1,060 tokens each) and their outputs:
+    # sglang 0.5.5 crashes in the MRoPE forward when it retracts a Qwen2-VL request under KV
+    # pressure (docs/reliability.md). The tiny model's KV cache takes 256 B per token at most.
+    "--max-total-tokens", "65536",
     "--host", "127.0.0.1",
 )
 
