@@ -239,15 +239,18 @@ def summarize(scheme: str, w: Workload, tp: int, concurrency: int, runs: list[di
 
 def markdown(report: dict) -> str:
     cols = ["scheme", "workload", "C", "req/s", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"]
-    cols += [f"CPU ms/req {p}" for p in PROCESSES] + ["loop lag p99 ms", "proc workers"]
+    cols += [f"CPU ms/req {p}" for p in PROCESSES]
+    cols += ["loop lag p99 ms", "loop lag max ms", "proc workers"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         cells = [r["scheme"], r["workload"], str(r["concurrency"]), f"{r['throughput_rps']:.2f}",
                  f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
                  f"{r['e2e_p50_ms']:.0f}", f"{r['e2e_p99_ms']:.0f}"]
-        cells += [f"{r['cpu_ms_per_req'].get(p, float('nan')):.1f}" for p in PROCESSES]
-        lag = r["loop_lag_p99_ms"]
-        cells += ["n/a" if lag is None else f"{lag:.1f}", str(r["processor_workers"])]
+        cpu = r["cpu_ms_per_req"]
+        cells += [f"{cpu[p]:.1f}" if p in cpu else "–" for p in PROCESSES]
+        cells += ["n/a" if r[k] is None else f"{r[k]:.1f}"
+                  for k in ("loop_lag_p99_ms", "loop_lag_max_ms")]
+        cells.append(str(r["processor_workers"]))
         lines.append("| " + " | ".join(cells) + " |")
     m = report["machine"]
     head = (f"Real sglang {m['sglang']} server, TP={report['config']['tp']}, CPU "
