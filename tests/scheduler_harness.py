@@ -10,10 +10,11 @@ stand-in records what the real code enqueues.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import types
 from typing import Any
 
-__all__ = ["SchedulerUnderTest", "DistributedCallCounter"]
+__all__ = ["SchedulerUnderTest", "DistributedCallCounter", "schedule_one"]
 
 
 class DistributedCallCounter:
@@ -116,3 +117,20 @@ class SchedulerUnderTest:
 
     def _add_request_to_queue(self, req, is_retracted: bool = False) -> None:
         self.queued.append(req)
+
+
+def schedule_one(monkeypatch: Any, sent: bytes, **attrs: Any) -> Any:
+    """The ``Req`` the patched ``Scheduler.handle_generate_request`` of one rank builds from
+    ``sent`` (a request as the tokenizer pickled it), after checking that it made no
+    ``torch.distributed`` call and did not finish the request. ``attrs`` override the
+    scheduler's attributes (``pad_input_ids_func``). The ``Req`` views the features'
+    slots until it is dropped (``gc.collect``, then ``region_cache.flush``)."""
+    counter = DistributedCallCounter(monkeypatch)
+    scheduler = SchedulerUnderTest(tp_size=1)
+    for name, value in attrs.items():
+        setattr(scheduler, name, value)
+    scheduler.handle_generate_request(pickle.loads(sent))
+    assert counter.calls == []
+    (built,) = scheduler.queued
+    assert built.to_finish is None
+    return built

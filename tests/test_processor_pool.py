@@ -26,7 +26,7 @@ from sglang_mmpre.transport.descriptors import RegionDescriptor
 from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 
 from server_cases import stalling_image_url
-from scheduler_harness import DistributedCallCounter, SchedulerUnderTest
+from scheduler_harness import schedule_one
 from test_materialize_equivalence import assert_equal_inputs
 from test_patched_request_path import _jpeg, _legacy_request, model_dir  # noqa: F401 - fixture
 from test_region_request_path import _Socket
@@ -90,14 +90,9 @@ def test_pooled_request_equals_legacy_from_dict_with_tensors_in_the_workers_regi
     assert len(socket.sent[0]) < len(pickle.dumps(legacy_req)) - 18_000_000, \
         "the pixels travelled with the request"
     assert _refcounts(pooled, region) == [1, 1]  # the scope ended: only the rank's left
-    counter = DistributedCallCounter(monkeypatch)
-    scheduler = SchedulerUnderTest(tp_size=1)
-    scheduler.handle_generate_request(pickle.loads(socket.sent[0]))
-    assert counter.calls == []
-    (built,) = scheduler.queued
-    assert built.to_finish is None
+    built = schedule_one(monkeypatch, socket.sent[0])
     assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
-    del built, scheduler
+    del built
     gc.collect()
     assert region_cache.flush()
     assert _refcounts(pooled, region) == [0, 0]

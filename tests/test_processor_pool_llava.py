@@ -26,7 +26,7 @@ from sglang_mmpre.tokenizer_side.pool import PooledProcessor
 from sglang_mmpre.transport.descriptors import RegionDescriptor, TensorDescriptor
 from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 
-from scheduler_harness import DistributedCallCounter, SchedulerUnderTest
+from scheduler_harness import schedule_one
 from test_materialize_equivalence import assert_equal_inputs
 from test_patched_request_path import _jpeg
 from test_region_request_path import _Socket
@@ -93,20 +93,6 @@ def _pad_image_token(input_ids: list, mm_inputs) -> list:
     return [next(pad_values) if t == image_token else t for t in input_ids]
 
 
-def _scheduled(monkeypatch, sent: bytes):
-    """The ``Req`` the patched ``Scheduler.handle_generate_request`` builds from ``sent``,
-    with no collective call; its slots are released once it is dropped (``gc.collect``,
-    then ``region_cache.flush``)."""
-    counter = DistributedCallCounter(monkeypatch)
-    scheduler = SchedulerUnderTest(tp_size=1)
-    scheduler.pad_input_ids_func = _pad_image_token  # the Qwen-style default needs im_token_id
-    scheduler.handle_generate_request(pickle.loads(sent))
-    assert counter.calls == []
-    (built,) = scheduler.queued
-    assert built.to_finish is None
-    return built
-
-
 def _legacy(model_dir, monkeypatch, image: bytes):
     """Unpatched sglang's request for the same prompt (``SGLANG_MM_PREMATERIALIZE=0``, as
     ``_legacy_request`` in test_patched_request_path.py), and its ``from_dict``."""
@@ -147,7 +133,7 @@ def test_pooled_llava_request_equals_legacy_from_dict_with_feature_in_the_worker
     table = pooled.mmpre.pool._regions[region.name].attached.table
     assert [table.refcount(ref.index) for ref in region.slots] == [1] * len(region.slots)
 
-    built = _scheduled(monkeypatch, sent)
+    built = schedule_one(monkeypatch, sent, pad_input_ids_func=_pad_image_token)
     assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
     assert built.origin_input_ids == _pad_image_token(list(legacy_req.input_ids), legacy_inputs)
     assert built.origin_input_ids != list(legacy_req.input_ids), "no image token was padded"
@@ -164,7 +150,7 @@ def test_llava_request_with_the_pool_equals_the_request_without_it(
 
     image = _jpeg(seed=5)
     req, sent = _tokenize_and_send(pooled, image)
-    with_pool = _scheduled(monkeypatch, sent)
+    with_pool = schedule_one(monkeypatch, sent, pad_input_ids_func=_pad_image_token)
 
     monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "0")
     plain = make_tokenizer_manager(model_dir)
@@ -174,7 +160,7 @@ def test_llava_request_with_the_pool_equals_the_request_without_it(
         assert isinstance(plain_req.materialized_mm_inputs.segment, RegionDescriptor)
         assert OWNED_NAME_RE.match(plain_req.materialized_mm_inputs.segment.name).group(2) \
             == str(os.getpid()), "without the pool the tokenizer process holds the feature"
-        without_pool = _scheduled(monkeypatch, plain_sent)
+        without_pool = schedule_one(monkeypatch, plain_sent, pad_input_ids_func=_pad_image_token)
     finally:
         close_tokenizer_manager(plain)
 

@@ -18,7 +18,7 @@ from sglang_mmpre.scheduler_side import region_cache
 from sglang_mmpre.transport.descriptors import RegionDescriptor
 from sglang_mmpre.transport.segment import segment_names
 
-from scheduler_harness import DistributedCallCounter, SchedulerUnderTest
+from scheduler_harness import DistributedCallCounter, SchedulerUnderTest, schedule_one
 from test_materialize_equivalence import assert_equal_inputs
 from test_patched_request_path import _jpeg, _legacy_request
 
@@ -93,18 +93,13 @@ def test_scheduler_builds_req_equal_to_legacy_from_slots_with_no_distributed_cal
     req = asyncio.run(tokenize_one(tokenizer_manager, image_data=[image]))
     socket = _Socket()
     tokenizer_manager.mmpre.send(socket, req)  # no scope: creator released after the send
-    counter = DistributedCallCounter(monkeypatch)
-    scheduler = SchedulerUnderTest(tp_size=1)
-    scheduler.handle_generate_request(pickle.loads(socket.sent[0]))
-    assert counter.calls == []
-    (built,) = scheduler.queued
-    assert built.to_finish is None
+    built = schedule_one(monkeypatch, socket.sent[0])
     assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
     assert built.origin_input_ids == SchedulerUnderTest().pad_input_ids_func(
         list(legacy_req.input_ids), legacy_inputs
     )
     assert _settled_live_slots(tokenizer_manager) == 2  # the Req still views them
-    del built, scheduler
+    del built
     assert _settled_live_slots(tokenizer_manager) == 0
 
 
