@@ -143,15 +143,20 @@ _VISION_CONFIG: dict[str, Any] = {
     "temporal_patch_size": 2,
 }
 
-_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen2VLForConditionalGeneration"],
-    "model_type": "qwen2_vl",
+#: The text model's dimensions, shared by the tiny Qwen2-VL and the tiny LLaVA.
+_TINY_TEXT_DIMS: dict[str, int] = {
     "vocab_size": 320,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 1,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
+}
+
+_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    **_TINY_TEXT_DIMS,
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
@@ -551,12 +556,7 @@ LLAVA_SPECIAL_TOKEN_IDS: dict[str, int] = {"<|endoftext|>": 256, LLAVA_IMAGE_TOK
 _LLAVA_CONFIG: dict[str, Any] = {
     "architectures": ["LlavaLlamaForCausalLM"],
     "model_type": "llava",
-    "vocab_size": 320,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    **_TINY_TEXT_DIMS,
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
@@ -583,12 +583,7 @@ _LLAVA_CONFIG: dict[str, Any] = {
     },
     "text_config": {
         "model_type": "llama",
-        "vocab_size": 320,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **_TINY_TEXT_DIMS,
     },
 }
 
