@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -72,8 +73,8 @@ from benchmarks import _standin
 
 _standin.install()
 
-from benchmarks.report import machine_info, write_json  # noqa: E402
-from loop_lag import collect_lags, percentile  # noqa: E402
+from benchmarks.report import machine_info, percentile, write_json  # noqa: E402
+from loop_lag import collect_lags  # noqa: E402
 from real_server import SCHEMES, RealServer, ServerConfig, client_env  # noqa: E402
 from served_model import make_served_qwen2vl  # noqa: E402
 from server_cases import generate, image, post  # noqa: E402
@@ -194,7 +195,8 @@ def processor_workers(server: RealServer) -> int:
 
 
 def _ms(value: Optional[float]) -> Optional[float]:
-    return None if value is None else round(value, 2)
+    """Milliseconds for the JSON: None for no value (``percentile`` of none is NaN)."""
+    return None if value is None or math.isnan(value) else round(value, 2)
 
 
 def warm_up(server: RealServer, workloads: list[Workload]) -> None:
@@ -366,11 +368,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     result["loop_lag_ms"] = collect_lags(lag_dir, started, ended)
                     runs.setdefault((s, w.name, c), []).append(result)
                     k += 1
-                    lag = percentile(result["loop_lag_ms"], 99)
                     log(f"[{k}/{total}] round {rnd + 1} {s:18s} {w.name:9s} C={c:<3d} "
                         f"{result['request_throughput']:6.2f} req/s  "
                         f"E2E p50 {result['median_e2e_latency_ms']:7.0f} ms  loop lag p99 "
-                        f"{float('nan') if lag is None else lag:6.1f} ms")
+                        f"{percentile(result['loop_lag_ms'], 99):6.1f} ms")
             except BaseException:
                 server.kill()
                 raise

@@ -437,8 +437,9 @@ class ProcessorPool:
             self._retire(region)
 
     def _worker_gone(self, worker: _Worker) -> None:
-        """Retire each region of a stopped worker that no request holds any more; with
-        none held, sweep its files now (it may have died before any reply)."""
+        """Retire each region of a stopped worker that no request holds any more (which
+        sweeps its files); a worker that left no region (it died before any reply) has its
+        files swept here."""
         idle = []
         with self._lock:
             held = False
@@ -454,7 +455,7 @@ class ProcessorPool:
             worker.regions = set()
         for region in idle:
             self._retire(region)
-        if not held and worker.stem is not None:
+        if not held and not idle and worker.stem is not None:
             liveness.sweep(self.spec.settings.shm_dir, only=worker.stem)
 
     def _retire(self, region: _WorkerRegion) -> None:

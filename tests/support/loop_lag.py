@@ -28,14 +28,13 @@ import asyncio
 import functools
 import importlib.abc
 import importlib.machinery
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["install", "collect_lags", "percentile"]
+__all__ = ["install", "collect_lags"]
 
 INTERVAL_S = 0.005
 FLUSH_EVERY_S = 0.5
@@ -174,10 +173,3 @@ def collect_lags(directory: str | os.PathLike, start: float, end: float,
                 continue
     return lags
 
-
-def percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """The ``q``-th percentile (nearest rank) of ``values``; None if there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(len(ordered) * q / 100))) - 1]
