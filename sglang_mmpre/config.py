@@ -26,6 +26,11 @@ variable                              default     meaning
                                                   (``tokenizer_side/pool.py``); ``0``: the
                                                   processor runs on the event loop, as in
                                                   sglang 0.5.5.
+``SGLANG_MM_PREPROCESSING_DEVICE``    ``auto``    where a fast (torchvision) image processor
+                                                  runs: ``cpu``, ``cuda`` or ``auto`` (``cpu``
+                                                  on a ``--device cpu`` server, else sglang's
+                                                  own choice). Note [preprocessing device] in
+                                                  ``tokenizer_side/preprocessing_device.py``.
 ====================================  ==========  ===========================================
 """
 
@@ -62,6 +67,7 @@ class Settings:
     region_chunk_bytes: int = 0
     dedup: bool = True
     processor_workers: int = 0
+    preprocessing_device: str = "auto"
 
 
 def _default_cap(shm_dir: str) -> int:
@@ -106,7 +112,15 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
         dedup=env.get("SGLANG_MM_SHM_DEDUP", "1").strip().lower() in _TRUE,
         processor_workers=max(0, int(env.get("SGLANG_MM_PROCESSOR_WORKERS",
                                              str(default_processor_workers())))),
+        preprocessing_device=_preprocessing_device(env),
     )
+
+
+def _preprocessing_device(env: Any) -> str:
+    value = env.get("SGLANG_MM_PREPROCESSING_DEVICE", "auto").strip().lower()
+    if value not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"SGLANG_MM_PREPROCESSING_DEVICE={value!r}: use auto, cpu or cuda")
+    return value
 
 
 def consumers_per_send(server_args: Any) -> int:

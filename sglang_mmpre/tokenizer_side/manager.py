@@ -136,8 +136,8 @@ class TokenizerSide:
         workers = self.settings.processor_workers
         if not self.settings.enabled or workers <= 0:
             return data_processor
-        reason = self._no_shm_reason or pool_unsupported_reason(data_processor.mm_processor,
-                                                                server_args)
+        reason = self._no_shm_reason or pool_unsupported_reason(
+            data_processor.mm_processor, server_args, self.settings.preprocessing_device)
         if reason is not None:
             logger.info("sglang_mmpre: no processor pool for this model: %s.", reason)
             self._start_region()

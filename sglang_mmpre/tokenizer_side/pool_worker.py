@@ -29,6 +29,7 @@ from sglang.srt.server_args import set_global_server_args_for_tokenizer
 from sglang.srt.utils.hf_transformers_utils import get_processor
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+from sglang_mmpre.tokenizer_side.preprocessing_device import run_fast_processor_on
 from sglang_mmpre.transport import liveness
 
 __all__ = ["main"]
@@ -57,6 +58,9 @@ def _build(spec: Any) -> tuple[Any, Any]:
     set_global_server_args_for_tokenizer(spec.server_args)
     mm_processor = get_mm_processor(spec.hf_config, spec.server_args,
                                     _load_processor(spec.server_args), spec.transport_mode)
+    # A fast image processor runs where SGLANG_MM_PREPROCESSING_DEVICE says, through
+    # sglang's own process_mm_data (Note [preprocessing device]).
+    run_fast_processor_on(mm_processor, spec.server_args, spec.settings.preprocessing_device)
     # sglang's LLaVA processor sends each image to its own process pool (fork, one process
     # per core; a daemonic worker may not start them): here it runs in the worker itself.
     if isinstance(getattr(mm_processor, "cpu_executor", None), ProcessPoolExecutor):

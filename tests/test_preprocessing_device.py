@@ -1,0 +1,203 @@
+"""Where a fast (torchvision) image processor runs: ``SGLANG_MM_PREPROCESSING_DEVICE``
+(``tokenizer_side/preprocessing_device.py``), on sglang 0.5.5's real, patched
+TokenizerManager and its processor pool, on CPU.
+
+sglang 0.5.5 passes ``device="cuda"`` to a fast image processor whatever the server's
+device, so with today's path a CPU server fails every image request. With the setting at
+``auto`` (a CPU server) or ``cpu``, the pool's workers run the same fast processor through
+sglang's own ``process_mm_data`` on the CPU, and give bitwise what the same HF processor
+gives when called in the tokenizer process with ``device="cpu"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_mmpre.scheduler_side import region_cache
+from sglang_mmpre.tokenizer_side.pool import PooledProcessor, pool_unsupported_reason
+from sglang_mmpre.tokenizer_side.preprocessing_device import (
+    chosen_device,
+    gpu_processor_reason,
+    run_fast_processor_on,
+)
+from sglang_mmpre.transport.descriptors import RegionDescriptor
+from sglang_mmpre.transport.liveness import OWNED_NAME_RE
+
+from scheduler_harness import schedule_one
+from test_patched_request_path import _jpeg, model_dir  # noqa: F401 - fixture
+from test_region_request_path import _Socket
+
+BOOT_DIR = Path(__file__).resolve().parent / "support" / "server_boot"
+
+
+def _hf_processors(model_dir):
+    from transformers import AutoProcessor
+
+    return (AutoProcessor.from_pretrained(str(model_dir), use_fast=True),
+            AutoProcessor.from_pretrained(str(model_dir), use_fast=False))
+
+
+def _fast_in_process(model_dir, jpeg: bytes, text: str) -> dict:
+    """The HF fast processor called in this process with ``device="cpu"``, on the image
+    as sglang's Qwen-VL processor hands it over (sglang's own ``load_image`` and
+    ``resize_image``)."""
+    from sglang.srt.multimodal.processors.qwen_vl import resize_image
+    from sglang.srt.utils import load_image
+
+    fast, _ = _hf_processors(model_dir)
+    image, _ = load_image(jpeg)
+    return fast(text=[text], images=[resize_image(image)], padding=True, return_tensors="pt",
+                device="cpu")
+
+
+@pytest.mark.parametrize(
+    "setting, server_device, fast, disabled, device, pool",
+    [
+        # a fast processor on a CPU server: sglang would pass cuda; auto and cpu choose cpu
+        ("auto", "cpu", True, False, "cpu", True),
+        ("cpu", "cpu", True, False, "cpu", True),
+        ("cuda", "cpu", True, False, "cuda", True),
+        # on a GPU server auto keeps sglang's own choice and path; cpu and cuda take the pool
+        ("auto", "cuda", True, False, "cuda", False),
+        ("cpu", "cuda", True, False, "cpu", True),
+        ("cuda", "cuda", True, False, "cuda", True),
+        # --disable-fast-image-processor or a slow processor: sglang passes no device
+        ("auto", "cuda", True, True, None, True),
+        ("cuda", "cuda", False, False, None, True),
+    ],
+)
+def test_device_chosen_for_each_setting_and_server(model_dir, setting, server_device, fast,
+                                                   disabled, device, pool):
+    fast_proc, slow_proc = _hf_processors(model_dir)
+    mm_processor = types.SimpleNamespace(_processor=fast_proc if fast else slow_proc)
+    server_args = types.SimpleNamespace(device=server_device,
+                                        disable_fast_image_processor=disabled)
+    assert chosen_device(mm_processor, server_args, setting) == device
+    assert (gpu_processor_reason(mm_processor, server_args, setting) is None) == pool
+
+
+def test_unknown_setting_is_refused_with_the_valid_values(monkeypatch):
+    from sglang_mmpre.config import load_settings
+
+    with pytest.raises(ValueError, match="use auto, cpu or cuda"):
+        load_settings({"SGLANG_MM_PREPROCESSING_DEVICE": "gpu"})
+
+
+def test_override_replaces_the_device_sglangs_process_mm_data_passes(model_dir, monkeypatch):
+    """sglang's own ``process_mm_data`` (unpatched logic) passes ``device="cuda"`` to the
+    fast processor on this CPU-only machine and fails; with the override it runs on the
+    CPU and gives bitwise what the HF fast processor gives in process."""
+    from tiny_models import IMAGE_PLACEHOLDER, close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_PREMATERIALIZE", "0")
+    tm = make_tokenizer_manager(model_dir, disable_fast_image_processor=False)
+    try:
+        # (after the TokenizerManager: sglang's modules import in its order)
+        from sglang.srt.multimodal.processors.qwen_vl import resize_image
+        from sglang.srt.utils import load_image
+
+        mm_processor = tm.mm_processor
+        jpeg = _jpeg(seed=21)
+        text = "Describe: " + IMAGE_PLACEHOLDER
+        image = resize_image(load_image(jpeg)[0])
+        calls = []
+        real_call = type(mm_processor._processor).__call__
+
+        def spy(self, *args, **kwargs):
+            calls.append(kwargs.get("device"))
+            return real_call(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(mm_processor._processor), "__call__", spy)
+        if not torch.cuda.is_available():
+            with pytest.raises(Exception, match="(?i)cuda|nvidia"):
+                mm_processor.process_mm_data(text, images=[image])
+        assert calls == ["cuda"], "sglang should pass device='cuda' to a fast processor"
+
+        server_args = tm.server_args
+        assert run_fast_processor_on(mm_processor, server_args, "auto") == "cpu"
+        assert run_fast_processor_on(mm_processor, server_args, "cpu") == "cpu"  # idempotent
+        got = mm_processor.process_mm_data(text, images=[image])
+        assert calls == ["cuda", "cpu"]
+        want = _fast_in_process(model_dir, jpeg, text)
+        for key in ("pixel_values", "image_grid_thw", "input_ids"):
+            assert got[key].device.type == "cpu"
+            assert got[key].dtype == want[key].dtype
+            assert torch.equal(got[key], want[key]), key
+    finally:
+        close_tokenizer_manager(tm)
+
+
+@pytest.fixture
+def pooled_fast(model_dir, shm_dir, monkeypatch):
+    """A patched TokenizerManager of a CPU server with the fast image processor (sglang's
+    default) and a pool of one worker; no file of ours is left after."""
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
+    monkeypatch.delenv("SGLANG_MM_PREPROCESSING_DEVICE", raising=False)  # auto
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir, disable_fast_image_processor=False)
+    try:
+        yield tm
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+
+
+def test_fast_processor_in_the_pool_on_cpu_equals_the_hf_fast_processor_in_process(
+    pooled_fast, model_dir, monkeypatch
+):
+    from transformers.image_processing_utils_fast import BaseImageProcessorFast
+    from tiny_models import IMAGE_PLACEHOLDER, tokenize_one
+
+    assert isinstance(pooled_fast.processor.image_processor, BaseImageProcessorFast)
+    assert isinstance(pooled_fast.mm_data_processor.mm_processor, PooledProcessor)
+    assert pool_unsupported_reason(pooled_fast.mm_processor, pooled_fast.server_args) is None
+
+    jpeg = _jpeg(seed=23)
+    text = "Describe: " + IMAGE_PLACEHOLDER
+
+    async def tokenize_and_send(socket):
+        with pooled_fast.mmpre.request_scope():
+            req = await tokenize_one(pooled_fast, text=text, image_data=[jpeg])
+            pooled_fast.mmpre.send(socket, req)
+            return req
+
+    socket = _Socket()
+    req = asyncio.run(tokenize_and_send(socket))
+    region = req.materialized_mm_inputs.segment
+    assert isinstance(region, RegionDescriptor)
+    workers = [w.process.pid for w in pooled_fast.mmpre.pool._workers]
+    assert int(OWNED_NAME_RE.match(region.name).group(2)) in workers, \
+        "the tensors are not in a region of a worker"
+
+    want = _fast_in_process(model_dir, jpeg, text)
+    # The slow processor gives other bytes for this image: equality below shows that the
+    # worker ran the fast one.
+    _, slow = _hf_processors(model_dir)
+    from sglang.srt.multimodal.processors.qwen_vl import resize_image
+    from sglang.srt.utils import load_image
+
+    slow_out = slow(text=[text], images=[resize_image(load_image(jpeg)[0])], padding=True,
+                    return_tensors="pt")
+    assert not torch.equal(slow_out["pixel_values"], want["pixel_values"])
+
+    assert list(req.input_ids) == want["input_ids"].flatten().tolist()
+    built = schedule_one(monkeypatch, socket.sent[0])
+    (item,) = built.multimodal_inputs.mm_items
+    assert item.feature.dtype == want["pixel_values"].dtype
+    assert torch.equal(item.feature, want["pixel_values"]), "pixel_values differ"
+    assert torch.equal(item.image_grid_thw, want["image_grid_thw"])
+    del built, item
+    gc.collect()
+    assert region_cache.flush()
