@@ -45,17 +45,25 @@ def _hf_processors(model_dir):
             AutoProcessor.from_pretrained(str(model_dir), use_fast=False))
 
 
-def _fast_in_process(model_dir, jpeg: bytes, text: str) -> dict:
-    """The HF fast processor called in this process with ``device="cpu"``, on the image
-    as sglang's Qwen-VL processor hands it over (sglang's own ``load_image`` and
-    ``resize_image``)."""
+def _in_process(processor, jpeg: bytes, text: str, **kwargs) -> dict:
+    """``processor`` called in this process on the image as sglang's Qwen-VL processor
+    hands it over (sglang's own ``load_image`` and ``resize_image``); tensors on the CPU."""
     from sglang.srt.multimodal.processors.qwen_vl import resize_image
     from sglang.srt.utils import load_image
 
-    fast, _ = _hf_processors(model_dir)
     image, _ = load_image(jpeg)
-    return fast(text=[text], images=[resize_image(image)], padding=True, return_tensors="pt",
-                device="cpu")
+    out = processor(text=[text], images=[resize_image(image)], padding=True,
+                    return_tensors="pt", **kwargs)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def _fast_in_process(model_dir, jpeg: bytes, text: str, device: str = "cpu") -> dict:
+    """The HF fast processor, called in this process with ``device``."""
+    return _in_process(_hf_processors(model_dir)[0], jpeg, text, device=device)
+
+
+def _slow_in_process(model_dir, jpeg: bytes, text: str) -> dict:
+    return _in_process(_hf_processors(model_dir)[1], jpeg, text)
 
 
 @pytest.mark.parametrize(
@@ -135,62 +143,51 @@ def test_override_replaces_the_device_sglangs_process_mm_data_passes(model_dir, 
         close_tokenizer_manager(tm)
 
 
-@pytest.fixture
-def pooled_fast(model_dir, shm_dir, monkeypatch):
-    """A patched TokenizerManager of a CPU server with the fast image processor (sglang's
-    default) and a pool of one worker; no file of ours is left after."""
-    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+def _pooled_fast(model_dir, shm_dir, monkeypatch, setting: str, server_device: str):
+    """A patched TokenizerManager with the fast image processor (sglang's default) and a
+    pool of one worker."""
+    from tiny_models import make_tokenizer_manager
 
     monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
     monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
     monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
-    monkeypatch.delenv("SGLANG_MM_PREPROCESSING_DEVICE", raising=False)  # auto
+    monkeypatch.setenv("SGLANG_MM_PREPROCESSING_DEVICE", setting)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
-    tm = make_tokenizer_manager(model_dir, disable_fast_image_processor=False)
-    try:
-        yield tm
-    finally:
-        close_tokenizer_manager(tm)
-    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+    return make_tokenizer_manager(model_dir, device=server_device,
+                                  disable_fast_image_processor=False)
 
 
-def test_fast_processor_in_the_pool_on_cpu_equals_the_hf_fast_processor_in_process(
-    pooled_fast, model_dir, monkeypatch
-):
+def _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, device: str) -> None:
+    """One request through the pool of ``tm`` gives, on the scheduler side, bitwise the
+    tensors of the HF fast processor called in this process on ``device``."""
     from transformers.image_processing_utils_fast import BaseImageProcessorFast
     from tiny_models import IMAGE_PLACEHOLDER, tokenize_one
 
-    assert isinstance(pooled_fast.processor.image_processor, BaseImageProcessorFast)
-    assert isinstance(pooled_fast.mm_data_processor.mm_processor, PooledProcessor)
-    assert pool_unsupported_reason(pooled_fast.mm_processor, pooled_fast.server_args) is None
+    assert isinstance(tm.processor.image_processor, BaseImageProcessorFast)
+    assert isinstance(tm.mm_data_processor.mm_processor, PooledProcessor)
 
     jpeg = _jpeg(seed=23)
     text = "Describe: " + IMAGE_PLACEHOLDER
 
     async def tokenize_and_send(socket):
-        with pooled_fast.mmpre.request_scope():
-            req = await tokenize_one(pooled_fast, text=text, image_data=[jpeg])
-            pooled_fast.mmpre.send(socket, req)
+        with tm.mmpre.request_scope():
+            req = await tokenize_one(tm, text=text, image_data=[jpeg])
+            tm.mmpre.send(socket, req)
             return req
 
     socket = _Socket()
     req = asyncio.run(tokenize_and_send(socket))
     region = req.materialized_mm_inputs.segment
     assert isinstance(region, RegionDescriptor)
-    workers = [w.process.pid for w in pooled_fast.mmpre.pool._workers]
+    workers = [w.process.pid for w in tm.mmpre.pool._workers]
     assert int(OWNED_NAME_RE.match(region.name).group(2)) in workers, \
         "the tensors are not in a region of a worker"
 
-    want = _fast_in_process(model_dir, jpeg, text)
+    want = _fast_in_process(model_dir, jpeg, text, device)
     # The slow processor gives other bytes for this image: equality below shows that the
     # worker ran the fast one.
-    _, slow = _hf_processors(model_dir)
-    from sglang.srt.multimodal.processors.qwen_vl import resize_image
-    from sglang.srt.utils import load_image
-
-    slow_out = slow(text=[text], images=[resize_image(load_image(jpeg)[0])], padding=True,
-                    return_tensors="pt")
-    assert not torch.equal(slow_out["pixel_values"], want["pixel_values"])
+    assert not torch.equal(_slow_in_process(model_dir, jpeg, text)["pixel_values"],
+                           want["pixel_values"])
 
     assert list(req.input_ids) == want["input_ids"].flatten().tolist()
     built = schedule_one(monkeypatch, socket.sent[0])
@@ -201,3 +198,35 @@ def test_fast_processor_in_the_pool_on_cpu_equals_the_hf_fast_processor_in_proce
     del built, item
     gc.collect()
     assert region_cache.flush()
+
+
+@pytest.mark.parametrize("setting", ["auto", "cpu"])
+def test_fast_processor_in_the_pool_on_cpu_equals_the_hf_fast_processor_in_process(
+    setting, model_dir, shm_dir, monkeypatch
+):
+    from tiny_models import close_tokenizer_manager
+
+    tm = _pooled_fast(model_dir, shm_dir, monkeypatch, setting, "cpu")
+    try:
+        assert pool_unsupported_reason(tm.mm_processor, tm.server_args, setting) is None
+        _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, "cpu")
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_processor_in_the_pool_on_cuda_equals_the_hf_fast_processor_in_process_on_cuda(
+    model_dir, shm_dir, monkeypatch
+):
+    """On a GPU server: ``auto`` keeps sglang's path (the processor on the loop, on cuda);
+    ``cuda`` runs it on cuda in the workers, bitwise as in process."""
+    from tiny_models import close_tokenizer_manager
+
+    tm = _pooled_fast(model_dir, shm_dir, monkeypatch, "cuda", "cuda")
+    try:
+        assert pool_unsupported_reason(tm.mm_processor, tm.server_args, "auto") is not None
+        _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, "cuda")
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
