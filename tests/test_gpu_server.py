@@ -1,5 +1,5 @@
-"""The real sglang 0.5.5 server on one CUDA GPU, as shipped and patched, at TP=1
-(run by ``scripts/gpu_check.sh``; skipped without a GPU).
+"""The real sglang 0.5.5 server on CUDA GPUs, as shipped and patched, at TP=1 (and TP=2
+with two GPUs or more); run by ``scripts/gpu_check.sh``, skipped without a GPU.
 
 - **The fast image processor on cuda, in the pool.** sglang's default for Qwen2-VL is the
   fast (torchvision) image processor with ``device="cuda"``, run on the tokenizer's event
@@ -69,9 +69,10 @@ def _burst(url: str, n: int, seed: int) -> None:
 
 
 def _gpu_used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                          "-i", "0"], capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
+    """Used memory of every GPU, summed (only this test's server runs on them)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(x) for x in out.split())
 
 
 def _per_process_mib(server: RealServer) -> dict[str, int]:
@@ -89,9 +90,10 @@ def _per_process_mib(server: RealServer) -> dict[str, int]:
     return got
 
 
-def _start(name: str, scheme: str, served_model, tmp_path_factory, env: tuple = ()) -> RealServer:
+def _start(name: str, scheme: str, tp: int, served_model, tmp_path_factory,
+           env: tuple = ()) -> RealServer:
     work = tmp_path_factory.mktemp(name)
-    config = ServerConfig(scheme, tp=1, env=env, device="cuda", fast_image_processor=True)
+    config = ServerConfig(scheme, tp=tp, env=env, device="cuda", fast_image_processor=True)
     return RealServer(config, served_model, work / "server").start()
 
 
@@ -124,14 +126,20 @@ def _leak_check(server: RealServer, label: str) -> None:
         f"{label}: GPU memory grew by {after - before} MiB over {LEAK_REQUESTS} requests")
 
 
-@pytest.mark.parametrize("ipc", [False, True], ids=["host_features", "cuda_ipc_features"])
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+CASES = [(tp, ipc) for tp in ([1, 2] if _GPUS >= 2 else [1]) for ipc in (False, True)]
+
+
+@pytest.mark.parametrize("tp, ipc", CASES,
+                         ids=[f"tp{tp}-{'cuda_ipc' if ipc else 'host'}_features" for tp, ipc in CASES])
 def test_patched_gpu_server_equals_as_shipped_and_leaks_no_device_memory(
-    ipc, served_model, tmp_path_factory
+    tp, ipc, served_model, tmp_path_factory
 ):
     env = (("SGLANG_USE_CUDA_IPC_TRANSPORT", "1"),) if ipc else ()
-    label = "cuda_ipc" if ipc else "fast_processor_on_cuda_in_the_pool"
+    label = f"tp{tp}_" + ("cuda_ipc" if ipc else "fast_processor_on_cuda_in_the_pool")
 
-    reference = _start(f"as_shipped_{label}", "as_shipped", served_model, tmp_path_factory, env)
+    reference = _start(f"as_shipped_{label}", "as_shipped", tp, served_model, tmp_path_factory,
+                       env)
     try:
         want = _sequential(reference.url)
         REPORT[f"as_shipped_{label}"] = {"per_process_mib": _per_process_mib(reference)}
@@ -140,7 +148,7 @@ def test_patched_gpu_server_equals_as_shipped_and_leaks_no_device_memory(
 
     pooled_env = env + (("SGLANG_MM_PREPROCESSING_DEVICE", "cuda"),
                         ("SGLANG_MM_PROCESSOR_WORKERS", "2"))
-    patched = _start(f"optimized_{label}", "optimized", served_model, tmp_path_factory,
+    patched = _start(f"optimized_{label}", "optimized", tp, served_model, tmp_path_factory,
                      pooled_env)
     try:
         workers = [r for r in patched.processes().values() if r.startswith("mm_processor_")]
