@@ -180,6 +180,8 @@ def _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, device: st
     region = req.materialized_mm_inputs.segment
     assert isinstance(region, RegionDescriptor)
     workers = [w.process.pid for w in tm.mmpre.pool._workers]
+    start = "SpawnProcess" if device == "cuda" else "ForkServerProcess"
+    assert {type(w.process).__name__ for w in tm.mmpre.pool._workers} == {start}
     assert int(OWNED_NAME_RE.match(region.name).group(2)) in workers, \
         "the tensors are not in a region of a worker"
 
@@ -230,3 +232,46 @@ def test_fast_processor_in_the_pool_on_cuda_equals_the_hf_fast_processor_in_proc
     finally:
         close_tokenizer_manager(tm)
     assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+
+
+def test_cuda_setting_spawns_the_workers_and_a_spawned_worker_serves_as_a_forked_one(
+    model_dir, shm_dir, monkeypatch
+):
+    """With ``cuda`` the workers are spawned (a forkserver that imported sglang may have
+    initialized CUDA). The slow processor (``--disable-fast-image-processor``) needs no
+    device, so on this CPU machine a spawned worker serves the request; the scheduler side
+    builds what sglang's ``from_dict`` builds from the unpatched path."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from test_materialize_equivalence import assert_equal_inputs
+    from test_patched_request_path import _legacy_request
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    image = _jpeg(seed=31)
+    legacy = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
+    monkeypatch.setenv("SGLANG_MM_PREPROCESSING_DEVICE", "cuda")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir)  # --disable-fast-image-processor
+    try:
+        (worker,) = tm.mmpre.pool._workers
+        assert type(worker.process).__name__ == "SpawnProcess"
+
+        async def tokenize_and_send(socket):
+            with tm.mmpre.request_scope():
+                req = await tokenize_one(tm, image_data=[image])
+                tm.mmpre.send(socket, req)
+                return req
+
+        socket = _Socket()
+        asyncio.run(tokenize_and_send(socket))
+        built = schedule_one(monkeypatch, socket.sent[0])
+        assert_equal_inputs(built.multimodal_inputs, legacy)
+        del built
+        gc.collect()
+        assert region_cache.flush()
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+

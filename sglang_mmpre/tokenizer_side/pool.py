@@ -225,9 +225,12 @@ class _Worker:
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
         from sglang_mmpre.tokenizer_side.pool_worker import main
+        from sglang_mmpre.tokenizer_side.preprocessing_device import worker_start_method
 
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([main.__module__])
+        method = worker_start_method(self.pool.spec.settings.preprocessing_device)
+        ctx = multiprocessing.get_context(method)  # spawn: Note [preprocessing device]
+        if method == "forkserver":
+            ctx.set_forkserver_preload([main.__module__])
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)

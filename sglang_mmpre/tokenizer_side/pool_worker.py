@@ -2,7 +2,8 @@
 
 Started by ``pool.ProcessorPool`` from a forkserver that imported this module (so sglang,
 torch, transformers and sglang's processor modules are loaded once, and a replacement
-starts in about a second); see Note [processor pool] in ``pool.py``. The pipe to the
+starts in about a second), or spawned where it may use CUDA (Note [preprocessing device]
+in ``preprocessing_device.py``); see Note [processor pool] in ``pool.py``. The pipe to the
 parent carries, one at a time::
 
     parent -> worker   (credit, job)         credit: segment bytes the parent released

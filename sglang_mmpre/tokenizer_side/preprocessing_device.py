@@ -27,6 +27,14 @@ cuda    ``cuda`` (sglang's own choice)    the processor pool, each worker with a
 The setting matters only for a fast image processor: with ``--disable-fast-image-processor``
 sglang loads the slow one, passes no device, and the pool takes it on any server.
 
+With ``cuda`` the pool *spawns* its workers instead of forking them from its forkserver: on
+a GPU machine the forkserver, which imports sglang's processor modules, has initialized
+CUDA (``import_processors`` imports ``models/deepseek_v2.py`` through the DeepSeek-VL2
+processor, and that module calls ``torch.cuda.get_device_capability()`` at import), and a
+process forked from it cannot use CUDA ("Cannot re-initialize CUDA in forked
+subprocess"). A spawned worker imports sglang itself: seconds more per start, a
+replacement's included (:func:`worker_start_method`).
+
 The worker does not copy sglang's decision. sglang's own ``process_mm_data`` runs as
 shipped, decides as above and calls ``processor.__call__(..., device=...)`` (an explicit
 attribute call); :func:`run_fast_processor_on` sets ``__call__`` on that one HF processor
@@ -47,6 +55,7 @@ __all__ = [
     "chosen_device",
     "gpu_processor_reason",
     "run_fast_processor_on",
+    "worker_start_method",
 ]
 
 #: The values of ``SGLANG_MM_PREPROCESSING_DEVICE``.
@@ -136,3 +145,9 @@ def run_fast_processor_on(mm_processor: Any, server_args: Any, setting: str) -> 
         # sglang calls ``processor.__call__(...)`` explicitly: the instance attribute wins.
         processor.__call__ = _DeviceOverride(type(processor).__call__.__get__(processor), device)
     return device
+
+
+def worker_start_method(setting: str) -> str:
+    """The ``multiprocessing`` start method of the pool's workers: ``spawn`` where they may
+    use CUDA (``setting == "cuda"``), else ``forkserver``; see Note [preprocessing device]."""
+    return "spawn" if setting == "cuda" else "forkserver"
