@@ -275,3 +275,42 @@ def test_cuda_setting_spawns_the_workers_and_a_spawned_worker_serves_as_a_forked
         close_tokenizer_manager(tm)
     assert os.listdir(shm_dir) == [], "files left after the pool shut down"
 
+
+
+def test_a_job_the_pool_cannot_take_runs_in_the_tokenizer_on_the_workers_device(
+    model_dir, shm_dir, monkeypatch
+):
+    """A request object that can't be pickled is processed in the tokenizer process, as
+    in sglang; with the fast processor on a CPU server it runs there on the CPU too (as
+    shipped it would ask for cuda and fail), and gives what the worker gives."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from tiny_models import IMAGE_PLACEHOLDER, close_tokenizer_manager, tokenize_one
+
+    tm = _pooled_fast(model_dir, shm_dir, monkeypatch, "auto", "cpu")
+    jpeg = _jpeg(seed=41)
+    text = "Describe: " + IMAGE_PLACEHOLDER
+    try:
+        (worker,) = tm.mmpre.pool._workers
+        jobs = []
+        real_run = worker.run
+        monkeypatch.setattr(worker, "run", lambda job: (jobs.append(1), real_run(job))[1])
+
+        async def both():
+            pooled = await tokenize_one(tm, text=text, image_data=[jpeg])
+            obj = GenerateReqInput(text=text, image_data=[jpeg])
+            obj.normalize_batch_and_arguments()
+            obj.unpicklable = lambda: None  # the job can't be sent to a worker
+            local = await tm._tokenize_one_request(obj)
+            return pooled, local
+
+        pooled, local = asyncio.run(both())
+        assert len(jobs) == 2, "both jobs should have been offered to the worker"
+        assert list(local.input_ids) == list(pooled.input_ids)
+        for req in (pooled, local):
+            tm.mmpre.release_unsent(req)
+        a = pooled.materialized_mm_inputs.inputs.mm_items[0]
+        b = local.materialized_mm_inputs.inputs.mm_items[0]
+        assert (a.hash, a.pad_value) == (b.hash, b.pad_value)  # sha256 of the features
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"

@@ -144,6 +144,11 @@ class TokenizerSide:
             return data_processor
         from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
 
+        from sglang_mmpre.tokenizer_side.preprocessing_device import run_fast_processor_on
+
+        # A job the pool can't take runs here, on the workers' device.
+        run_fast_processor_on(data_processor.mm_processor, server_args,
+                              self.settings.preprocessing_device)
         own = replace(self.settings, processor_workers=0,
                       shm_cap_bytes=self.settings.shm_cap_bytes // workers)
         self.pool = ProcessorPool(WorkerSpec(server_args, hf_config, transport_mode, own),

@@ -133,7 +133,8 @@ class _DeviceOverride:
 def run_fast_processor_on(mm_processor: Any, server_args: Any, setting: str) -> Optional[str]:
     """Make sglang's ``process_mm_data`` run this model's fast image processor on the
     device ``setting`` chooses (Note [preprocessing device]); return that device (None: a
-    slow processor, nothing to do). Idempotent. Used in the processor pool's workers."""
+    slow processor, nothing to do). Idempotent. Used in the processor pool's workers, and on
+    the tokenizer process's own processor when the pool is on (for jobs it can't take)."""
     device = chosen_device(mm_processor, server_args, setting)
     processor = _hf_processor(mm_processor)
     if device is None or device == sglang_fast_processor_device(mm_processor, server_args):
