@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import os
 import types
 from pathlib import Path
@@ -92,7 +91,7 @@ def test_device_chosen_for_each_setting_and_server(model_dir, setting, server_de
     assert (gpu_processor_reason(mm_processor, server_args, setting) is None) == pool
 
 
-def test_unknown_setting_is_refused_with_the_valid_values(monkeypatch):
+def test_unknown_setting_is_refused_with_the_valid_values():
     from sglang_mmpre.config import load_settings
 
     with pytest.raises(ValueError, match="use auto, cpu or cuda"):
