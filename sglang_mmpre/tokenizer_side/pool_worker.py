@@ -37,7 +37,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-import_processors("sglang.srt.multimodal.processors")  # once, in the forkserver
+import_processors("sglang.srt.multimodal.processors")  # once per forkserver (or spawned worker)
 
 
 def _load_processor(server_args: Any) -> Any:
