@@ -8,11 +8,12 @@ same seed gives every scheme the same requests):
   on that server has seen (the caller gives every cell and round its own seed), so sglang's
   vision encoder runs for every request;
 - ``repeated``: single-turn conversations that re-send a fixed set of ``REPEATED_K`` images
-  in turn (an agent loop or a chat that re-sends its image). From the second use on, sglang
-  finds each image's embedding in its ``MultiModalCache`` (``SGLANG_VLM_CACHE_SIZE_MB``,
-  default 100 MB; one image of the tiny model is about 128 KB of embedding), so the vision
-  encoder is skipped, while the tokenizer still processes every image and the ranks still
-  receive it;
+  in turn (an agent loop or a chat that re-sends its image). From the second use on, the
+  vision encoder is skipped: the radix cache holds the prompt up to the end of the image
+  (the image comes before the text, and its tokens' pad values derive from its hash), and
+  sglang's ``MultiModalCache`` holds its embedding (``SGLANG_VLM_CACHE_SIZE_MB``, default
+  100 MB; one image of the tiny model is about 128 KB of embedding). The tokenizer still
+  processes every image and the ranks still receive it;
 - ``multi_turn``: ``MULTI_TURN_TURNS``-turn conversations; every turn re-sends the whole
   conversation so far (the earlier images and the model's earlier answers) and a new image
   comes every ``NEW_IMAGE_EVERY`` turns. Time to first token is reported per turn.

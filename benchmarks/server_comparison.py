@@ -33,8 +33,9 @@ run instead, the old behaviour, to show what the cache does.
 
 One server runs at a time (each holds about 3 GB). Every round starts each scheme's server
 in turn (per model), in an order rotated each round, warms it up (a single-turn and a
-two-image conversation per workload, images no run uses, then ``/flush_cache``), drives
-it once per regime, workload and concurrency, and stops it: so the machine's drift hits
+two-image conversation per workload, images no run uses), drives it once per regime,
+workload and concurrency (each run after a ``/flush_cache``: no run finds an earlier run's
+prefixes in the radix cache), and stops it: so the machine's drift hits
 every scheme alike, and a start-up's cost is never measured. Around each run the CPU time
 (utime + stime, ``/proc/<pid>/stat``) of every server process is read, and each rank's CPU
 inside ``ModelRunner.forward`` (``tests/support/forward_cpu.py``).
@@ -223,14 +224,12 @@ def _ms(value: Optional[float]) -> Optional[float]:
 
 def warm_up(server: RealServer, workloads: list[Workload], args: argparse.Namespace) -> None:
     """Two single-turn requests and one conversation (two images) per workload, with
-    images no run sends (seed 0), so no measured run pays first-request costs; then the
-    radix cache is flushed."""
+    images no run sends (seed 0), so no measured run pays first-request costs."""
     for w in workloads:
         for regime, n in (("unique", 2), ("multi_turn", 1)):
             done = run_load(server.url, regime, n, 0, w.width, w.height, 2, args.input_len, 4)
             if done["errors"]:
                 raise RuntimeError(f"warm-up failed: {done['first_error']}")
-    post(server.url, "/flush_cache", {})
 
 
 def summarize(key: tuple, runs: list[dict], workers: int, tp: int) -> dict:
@@ -418,7 +417,13 @@ def _rank_split(result: dict) -> str:
 
 def _measure(server: RealServer, lag_dir: Path, fwd_dir: Path, regime: str, w: Workload,
              c: int, seed: int, args: argparse.Namespace) -> dict:
-    """One run of one regime on ``server``, with the CPU of its processes around it."""
+    """One run of one regime on ``server``, with the CPU of its processes around it. The
+    radix cache is flushed first, so a run finds no prefix of an earlier run's requests
+    (sglang's ``MultiModalCache`` of vision-encoder outputs stays: ``/flush_cache`` does not
+    clear it)."""
+    r = post(server.url, "/flush_cache", {})
+    if r.status_code != 200:
+        raise RuntimeError(f"/flush_cache answered {r.status_code}: {r.text[:200]}")
     roles = server.processes()
     before = server.cpu_seconds()
     requests = max(c, round(w.requests * args.requests_scale))
