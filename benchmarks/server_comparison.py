@@ -15,9 +15,9 @@ off (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``); ``optimized_w0``, ``optimized_w1``
 Models (``--models``): ``tiny`` is the served tiny Qwen2-VL (patch 14: a 1120x700 image is
 4,000 patches and 1,000 tokens; on CPU its vision tower and prefill dominate the ranks'
 work); ``gpu_proxy`` is the same model with patch 56 and the image processor configured to
-match (``served_model.py``): about the same pixel bytes per image (18.1 MB), 240 patches,
-60 tokens, so the ranks' forward costs little CPU, as it would on a GPU, and the CPU that
-the multimodal path costs shows. It stands for the CPU side of a GPU server; it is not a
+match (``served_model.py``), served in float32 (see ``MODELS``): about the same pixel bytes
+per image (18.1 MB), 240 patches, 60 tokens, so the ranks' forward costs little CPU, as it
+would on a GPU, and the CPU that the multimodal path costs shows. It stands for the CPU side of a GPU server; it is not a
 model of a GPU's forward time, and its attention over 240 patches is not a real model's.
 
 Regimes (``--regimes``, ``benchmarks/chat_load.py``): ``unique`` (every image new),
@@ -59,6 +59,9 @@ variants; 0 for the other schemes, and with ``SGLANG_MM_PREMATERIALIZE=0``); for
 ``multi_turn``, ``ttft_p50_ms_by_turn``.
 
 Workloads are named WIDTHxHEIGHT.
+
+Default grid: ``as_shipped`` and ``optimized``; 1120x700, C=16, 2 rounds; the tiny model
+under ``unique`` and ``repeated``, the GPU proxy under all three.
 
 Usage: ``python -m benchmarks.server_comparison [--rounds N] [--schemes a,b] ...``
 (``--help``); ``bash scripts/run_benchmark.sh`` runs it with the defaults. Outputs:
@@ -268,7 +271,7 @@ def summarize(key: tuple, runs: list[dict], workers: int, tp: int) -> dict:
                    for r in runs],
     }
     if regime == "multi_turn":
-        row["ttft_p50_ms_by_turn"] = [statistics.median(t[i] for t in turns)
+        row["ttft_p50_ms_by_turn"] = [round(statistics.median(t[i] for t in turns), 1)
                                       for i in range(min(map(len, turns)))]
     return row
 
