@@ -26,6 +26,8 @@ bytes_per_req            bytes pickled into ZMQ frames by the tokenizer (request
                          times the receivers), / requests. Split in zmq_/req_bcast_/
                          mm_bcast_bytes_per_req. Shared-memory traffic is not in it; it
                          is shm_bytes_per_req (bytes written into segments).
+transport                ``tokenizer_stage`` only: how the measured requests travelled,
+                         ``{"region": n, "segment": n, "inline": n}`` (``schemes.transport_of``).
 collectives_per_req      collective calls issued by one rank for multimodal handling
                          (``broadcast_object_list``, ``barrier``, ``all_reduce`` of the
                          failure flags), / requests. Not included, reported apart:
@@ -162,6 +164,7 @@ def cell_row(cell: Cell, tok: dict, ranks: list[dict], features: dict) -> dict:
         "req_bcast_bytes_per_req": req_bcast_bytes / n,
         "mm_bcast_bytes_per_req": mm_bcast_bytes / n,
         "shm_bytes_per_req": tok["shm_bytes"] / n,
+        "transport": tok.get("transport", {}),
         "collectives_per_req": mm_coll / n,
         "req_bcast_per_req": calls0.get("req_bcast:broadcast_pyobj", 0) / n,
         "fwd_allreduce_per_req": calls0.get("fwd:all_reduce", 0) / n,

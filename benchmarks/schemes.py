@@ -28,6 +28,10 @@ mode                       what happens to one request's multimodal inputs
                            into slots of the process's warm ``sglmmpre_*`` region, hashing
                            while copying, in worker threads; a segment when it is full) and
                            ``TokenizerSide.send``; ``take_multimodal_inputs`` on each rank.
+                           The side is built by :func:`tokenizer_side`, as in a
+                           TokenizerManager that runs the processor itself (no processor
+                           pool), which allocates its own region; :func:`transport_of` says
+                           how each request travelled, and the harness reports it.
 ``hash_floor``             ``floor`` plus a sha256 over each request's feature bytes in a
                            worker thread of the tokenizer, nothing else: the limit of any
                            design that keeps sglang's hash.
@@ -74,6 +78,8 @@ __all__ = [
     "upstream_unlink",
     "BatchBroadcastCache",
     "RankContext",
+    "tokenizer_side",
+    "transport_of",
 ]
 
 MODES = (
@@ -94,6 +100,41 @@ WORKLOADS: dict[str, tuple[str, int, int, int]] = {
     "1920x1080": ("image", 1920, 1080, 1),
     "video16": ("video", 448, 448, 16),
 }
+
+def tokenizer_side(tp: int) -> Any:
+    """The ``tokenizer_stage`` mode's ``TokenizerSide`` for ``tp`` ranks on one node.
+
+    Built as a TokenizerManager process that runs the multimodal processor itself
+    (``processor_workers=0``: the harness has no processor to put in a pool), so it
+    allocates its own warm region as such a process does; its other settings come from
+    the environment. Call ``shutdown()`` when done.
+    """
+    from dataclasses import replace
+
+    from sglang_mmpre.config import load_settings
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+
+    return TokenizerSide(
+        SimpleNamespace(tp_size=tp, pp_size=1, dp_size=1, enable_dp_attention=False,
+                        dist_init_addr=None, nnodes=1),
+        replace(load_settings(), processor_workers=0),
+    )
+
+
+def transport_of(materialized: Any) -> str:
+    """How a request's ``MaterializedMultimodalInputs`` travels to the ranks: ``"region"``
+    (slots of a warm region), ``"segment"`` (a segment of its own) or ``"inline"``
+    (pickled with the request), read from the descriptor the ranks receive."""
+    from sglang_mmpre.transport.descriptors import RegionDescriptor, SegmentDescriptor
+
+    if isinstance(materialized.segment, RegionDescriptor):
+        return "region"
+    if isinstance(materialized.segment, SegmentDescriptor):
+        return "segment"
+    if materialized.segment is None:
+        return "inline"
+    raise TypeError(f"unknown transport {type(materialized.segment).__name__}")
+
 
 #: The floor mode's stand-in for a descriptor (~1 KiB of bytes).
 PLACEHOLDER = b"\x5a" * 1024

@@ -13,9 +13,13 @@ the feature size only, so that grouping by param puts the six modes side by side
   as upstream's ``__setstate__`` does), copying the feature out, unlinking, and the
   hash-free ``from_dict``; hashing and segment creation are in the setup;
 - ``tokenizer_stage``: the entry rank's ``vouch_for_segments`` and ``take_multimodal_inputs``
-  on a freshly unpickled request whose segment was created (``TokenizerSide.build``) and
-  sent (``TokenizerSide.send``) in setup;
-- ``floor``: nothing but the harness's per-batch dispatch.
+  on a freshly unpickled request whose features were put in slots of the tokenizer
+  process's warm region (``TokenizerSide.build``, the side built as in a TokenizerManager
+  without a processor pool: ``schemes.tokenizer_side``) and sent (``TokenizerSide.send``)
+  in setup; the test checks that the request travelled in region slots and that the ranks
+  got the features back;
+- ``floor``: nothing but the harness's per-batch dispatch; the test checks that the request
+  carried no multimodal data and that nothing was built for it.
 
 Setup (fresh dicts, segment creation, pickling) runs outside the timed region
 (``benchmark.pedantic(setup=...)``). No timing assertions.
@@ -29,6 +33,7 @@ import pickle
 import types
 
 import pytest
+import torch
 
 from benchmarks import _standin
 
@@ -42,6 +47,8 @@ from benchmarks.schemes import (  # noqa: E402
     fresh_mm_dict,
     handle_batch,
     make_request,
+    tokenizer_side,
+    transport_of,
     upstream_prepare,
 )
 
@@ -153,21 +160,19 @@ class _CaptureSocket:
 @pytest.mark.parametrize("size", SIZES)
 def test_tokenizer_stage(benchmark, features, ctx, size):
     from sglang_mmpre.scheduler_side.hooks import take_multimodal_inputs, vouch_for_segments
-    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 
     f = features[size]
-    side = TokenizerSide(types.SimpleNamespace(
-        tp_size=1, pp_size=1, dp_size=1, enable_dp_attention=False, dist_init_addr=None,
-        nnodes=1,
-    ))
+    side = tokenizer_side(tp=1)
+    transports = []
 
     def setup():
         req = make_request(f"t{next(_rid)}", f, None)
         req.materialized_mm_inputs = side.build(fresh_mm_dict(f))
-        assert req.materialized_mm_inputs.writer is not None  # it went to shared memory
         sock = _CaptureSocket()
         side.send(sock, req)  # counts the one consumer, drops the creator reference
-        return ((pickle.loads(sock.data),), {})
+        received = pickle.loads(sock.data)
+        transports.append(transport_of(received.materialized_mm_inputs))
+        return ((received,), {})
 
     def target(req):
         vouch_for_segments([req])  # the entry rank's check in recv_requests (TP=1: this rank)
@@ -176,7 +181,12 @@ def test_tokenizer_stage(benchmark, features, ctx, size):
         return inputs
 
     try:
-        _check(_bench(benchmark, size, setup, target))
+        inputs = _bench(benchmark, size, setup, target)
+        _check(inputs)
+        # What the scheme names: every request went through slots of the warm region, and
+        # the rank got the processor's features, not a copy of something else.
+        assert transports and set(transports) == {"region"}, transports
+        assert torch.equal(inputs.mm_items[0].feature, f.feature)
     finally:
         side.shutdown()
 
@@ -184,13 +194,20 @@ def test_tokenizer_stage(benchmark, features, ctx, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_floor(benchmark, features, ctx, size):
     f = features[size]
+    sent = []
 
     def setup():
         req = make_request(f"f{next(_rid)}", f, None)
         req.bench_placeholder = PLACEHOLDER
+        assert req.mm_inputs is None and getattr(req, "materialized_mm_inputs", None) is None
+        sent.append(len(pickle.dumps(req)))
         return ((req,), {})
 
     def target(req):
         return handle_batch("floor", ctx, [req])
 
-    _bench(benchmark, size, setup, target)
+    [(rid, inputs, err)] = _bench(benchmark, size, setup, target)
+    # What the floor names: no multimodal data travelled (the pickled request, its ids and
+    # the placeholder, is under 1% of the feature's bytes) and the ranks built nothing.
+    assert inputs is None and err is None
+    assert max(sent) < f.nbytes // 100, (max(sent), f.nbytes)

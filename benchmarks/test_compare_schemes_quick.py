@@ -42,6 +42,9 @@ def test_quick_run_covers_every_mode_and_leaves_nothing(tmp_path):
         assert row.get("errors", 0) == 0, row
     by_mode = {r["mode"]: r for r in data["results"]}
     assert by_mode["tokenizer_stage"]["collectives_per_req"] == 0
+    # The transport the scheme names: every measured request in slots of the warm region.
+    stage = [r for r in data["results"] if r["mode"] == "tokenizer_stage"]
+    assert all(r["transport"] == {"region": r["requests"]} for r in stage), stage
     assert by_mode["per_request_broadcast"]["collectives_per_req"] > 0
     assert list(tmp_path.glob("*.md"))
     assert _ours_in_shm() <= before

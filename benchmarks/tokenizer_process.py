@@ -83,9 +83,10 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
         compute_features,
         fresh_mm_dict,
         make_request,
+        tokenizer_side,
+        transport_of,
         upstream_prepare,
     )
-    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 
     features = {}
     for w in dict.fromkeys(c.workload for c in cells):
@@ -94,10 +95,7 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
                                "feature_bytes": f.nbytes,
                                "tokens": len(f.input_ids)} for w, f in features.items()}))
 
-    side = TokenizerSide(types.SimpleNamespace(
-        tp_size=tp, pp_size=1, dp_size=1, enable_dp_attention=False, dist_init_addr=None,
-        nnodes=1,
-    ))
+    side = tokenizer_side(tp)
     # hash_floor: the same number of worker threads as the TokenizerSide, hashing only.
     hash_pool = ThreadPoolExecutor(side.settings.threads, thread_name_prefix="hash_floor")
     sync_ctx = zmq.Context()
@@ -111,7 +109,8 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
     loop = asyncio.get_running_loop()
     pending: dict[str, asyncio.Future] = {}
     acks: dict[int, asyncio.Future] = {}
-    state = types.SimpleNamespace(measuring=False, lags=[], shm_bytes=0, token=0)
+    state = types.SimpleNamespace(measuring=False, lags=[], shm_bytes=0, token=0,
+                                  transport={})
 
     async def reader() -> None:
         while True:
@@ -157,6 +156,8 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
             state.shm_bytes += nbytes
         elif mode == "tokenizer_stage":
             await side.materialize_request(req)
+            how = transport_of(req.materialized_mm_inputs)
+            state.transport[how] = state.transport.get(how, 0) + 1
             writer = req.materialized_mm_inputs.writer
             if writer is not None:  # bytes copied into shared memory (slots: not reused ones)
                 state.shm_bytes += getattr(writer, "written_nbytes", writer.payload_nbytes)
@@ -182,6 +183,7 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
         await control("begin")
         sock.bytes = 0
         state.shm_bytes = 0
+        state.transport = {}
         state.lags = []
         latencies: list[float] = []
         sem = asyncio.Semaphore(cell.concurrency)
@@ -217,6 +219,7 @@ async def _tokenizer(tp: int, req_addr: str, done_addr: str, results: Any,
             "latencies_s": latencies,
             "zmq_bytes": zmq_bytes,
             "shm_bytes": state.shm_bytes,
+            "transport": state.transport,
             "lags_s": state.lags,
         }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv, then compares every scheme on sglang 0.5.5's real server
-# (TP=2, CPU, bench_serving with images; about 15 minutes on 2 cores). Results land in
-# benchmarks/results/server-<timestamp>.*. Arguments go to benchmarks.server_comparison.
+# The main job: sets up .venv, then compares as_shipped with optimized on sglang 0.5.5's
+# real server (TP=2, CPU, streamed chat requests with images under named regimes; see
+# the README for its run time). Results land in benchmarks/results/server-<timestamp>.*.
+# Arguments go to benchmarks.server_comparison (--help).
 #   bash scripts/run_benchmark.sh --harness [args]   the multi-rank harness instead
 #                                                    (benchmarks.compare_schemes, TP=4)
 set -euo pipefail

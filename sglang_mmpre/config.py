@@ -22,7 +22,7 @@ variable                              default     meaning
                                                   loop.
 ``SGLANG_MM_PROCESSOR_WORKERS``       half the    worker processes per TokenizerManager
                                       usable      process that run the model's multimodal
-                                      cores, 1-8  processor and materialize its output
+                                      cores, 2-8  processor and materialize its output
                                                   (``tokenizer_side/pool.py``); ``0``: the
                                                   processor runs on the event loop, as in
                                                   sglang 0.5.5.
@@ -82,8 +82,9 @@ def default_processor_workers() -> int:
     """Half the cores this process may run on, at least 2 and at most 8.
 
     One worker handles the images of a burst one after another. On 2 cores, two workers
-    served 1.26x as many 1120x700 requests as one at concurrency 16, and as many where the
-    ranks' forward was the bottleneck (README, "The processor pool")."""
+    served 1.26x as many 1120x700 requests as one at concurrency 16 (a run whose images hit
+    sglang's embedding cache), and as many where the ranks' forward was the bottleneck
+    (benchmarks/results/README.md, "The processor pool")."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.abc
-import importlib.machinery
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
+
+from import_hook import on_import
 
 __all__ = ["install", "collect_lags"]
 
@@ -92,52 +91,16 @@ def _patch(cls: Any, directory: str) -> None:
     cls.auto_create_handle_loop = auto_create_handle_loop
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then wraps ``TokenizerManager`` in the fresh module."""
-
-    def __init__(self, loader: importlib.abc.Loader, directory: str) -> None:
-        self._loader = loader
-        self._directory = directory
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        cls = getattr(module, "TokenizerManager", None)
-        if cls is not None:
-            _patch(cls, self._directory)
-
-    def __getattr__(self, name: str) -> Any:  # get_source (tracebacks), get_filename...
-        return getattr(self._loader, name)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TARGET:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _PatchingLoader(spec.loader, self.directory)
-                return spec
-        return None
-
-
 def install(directory: str) -> None:
     """Sample the TokenizerManager's loop of this process, if it runs one (idempotent)."""
     os.makedirs(directory, exist_ok=True)
-    module = sys.modules.get(_TARGET)
-    if module is not None:
-        _patch(module.TokenizerManager, directory)
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder(directory))
+
+    def on_load(module: Any) -> None:
+        cls = getattr(module, "TokenizerManager", None)
+        if cls is not None:
+            _patch(cls, directory)
+
+    on_import(_TARGET, on_load)
 
 
 def _latest(path: Path) -> float:

@@ -13,6 +13,14 @@ this one is a whole checkpoint (about 14 MB), built in code because the hub is o
 
 A random model writes the same tokens for any image, so tests compare logprobs, which do
 depend on the image (two 448x448 images differ by about 0.01).
+
+``patch_size`` (default 14, as Qwen2-VL) sets the vision tower's patch and the image
+processor's together. The benchmark's GPU-proxy shape takes 56: a 1120x700 image then
+gives 240 patches of 18,816 values (18.1 MB of float32 features, against 4,000 patches of
+1,176 values, 18.8 MB, at 14) and 60 tokens for the language model instead of 1,000. The
+tokenizer side and the transport move about the same bytes; the vision tower's attention
+and the language model's prefill, which on CPU dominate a rank's work, shrink, as they
+would on a GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def make_served_qwen2vl(dest: Path) -> Path:
+def make_served_qwen2vl(dest: Path, patch_size: int = 14) -> Path:
     """Write the checkpoint, tokenizer and processor at ``dest`` (idempotent) and return it.
 
     A file ``BUILD`` holding :data:`BUILD_VERSION` is written last and marks a complete
@@ -55,14 +63,16 @@ def make_served_qwen2vl(dest: Path) -> Path:
     """
     dest = Path(dest)
     stamp = dest / "BUILD"
-    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
+    build = BUILD_VERSION if patch_size == 14 else f"{BUILD_VERSION}-patch{patch_size}"
+    if stamp.is_file() and stamp.read_text() == build:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
 
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tokenizer = save_qwen2vl_tokenizer_and_processor(dest, *_vocab_and_merges())
+    tokenizer = save_qwen2vl_tokenizer_and_processor(dest, *_vocab_and_merges(),
+                                                     patch_size=patch_size)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
 
     config = dict(_CONFIG)
@@ -78,12 +88,13 @@ def make_served_qwen2vl(dest: Path) -> Path:
         vision_token_id=ids["<|image_pad|>"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
-        vision_config=dict(_VISION_CONFIG, in_chans=_VISION_CONFIG["in_channels"]),
+        vision_config=dict(_VISION_CONFIG, in_chans=_VISION_CONFIG["in_channels"],
+                           patch_size=patch_size),
     )
     torch.manual_seed(_SEED)
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config)).to(torch.bfloat16)
     model.save_pretrained(str(dest), safe_serialization=True)
     # save_pretrained writes transformers' nested config; sglang reads the flat one.
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    stamp.write_text(BUILD_VERSION)
+    stamp.write_text(build)
     return dest

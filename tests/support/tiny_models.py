@@ -264,18 +264,19 @@ def _byte_bpe_tokenizer(dest: Path, vocab: dict[str, int], merges: list[str],
 
 
 def save_qwen2vl_tokenizer_and_processor(
-    dest: Path, vocab: dict[str, int], merges: list[str]
+    dest: Path, vocab: dict[str, int], merges: list[str], patch_size: int = 14
 ) -> Any:
     """Write a byte-level BPE tokenizer (``vocab``, ``merges``, then Qwen's special tokens)
-    and a default ``Qwen2VLProcessor`` with the chat template at ``dest``; return the
-    tokenizer. Both slow (``vocab.json``/``merges.txt``) and fast forms are written."""
+    and a ``Qwen2VLProcessor`` (defaults but ``patch_size``, which must match the vision
+    tower's) with the chat template at ``dest``; return the tokenizer. Both slow
+    (``vocab.json``/``merges.txt``) and fast forms are written."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tokenizer = _byte_bpe_tokenizer(dest, vocab, merges, list(_SPECIAL_TOKENS[1:]))
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
+        image_processor=Qwen2VLImageProcessor(patch_size=patch_size),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(patch_size=patch_size),
         chat_template=_CHAT_TEMPLATE,
     )
     processor.save_pretrained(str(dest))

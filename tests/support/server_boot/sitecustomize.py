@@ -6,7 +6,9 @@ Python imports this module at start-up in the launcher and in every process sgla
 ``SGLANG_MMPRE_TEST_COLLECTIVE_LOG`` names a directory, the collective counter
 (``collective_counter.py``); when ``SGLANG_MMPRE_TEST_FORGE_PREFIX`` is set, the forge hook
 (``forge_hook.py``); when ``SGLANG_MMPRE_TEST_LOOP_LAG_LOG`` names a directory, the
-TokenizerManager's event-loop lag sampler (``loop_lag.py``).
+TokenizerManager's event-loop lag sampler (``loop_lag.py``); when
+``SGLANG_MMPRE_TEST_FORWARD_CPU_LOG`` names a directory, the CPU time inside each rank's
+``ModelRunner.forward`` (``forward_cpu.py``).
 """
 
 import os
@@ -34,3 +36,8 @@ if os.environ.get("SGLANG_MMPRE_TEST_LOOP_LAG_LOG"):
     import loop_lag  # noqa: E402
 
     loop_lag.install(os.environ["SGLANG_MMPRE_TEST_LOOP_LAG_LOG"])
+
+if os.environ.get("SGLANG_MMPRE_TEST_FORWARD_CPU_LOG"):
+    import forward_cpu  # noqa: E402
+
+    forward_cpu.install(os.environ["SGLANG_MMPRE_TEST_FORWARD_CPU_LOG"])
