@@ -187,3 +187,43 @@ def test_worker_killed_while_idle_fails_no_request(pooled):
     region = req.materialized_mm_inputs.segment
     assert int(OWNED_NAME_RE.match(region.name).group(2)) == replacement
     pooled.mmpre.release_unsent(req)
+
+
+@pytest.mark.parametrize("workers", ["1", "0"])
+def test_multi_node_server_args_send_every_tensor_inline_and_create_no_file(
+    model_dir, shm_dir, monkeypatch, workers
+):
+    """``--nnodes 2 --dist-init-addr``: ranks on the other node can't open this node's
+    shared memory, so neither the TokenizerManager nor a pool worker makes a region (the
+    entry rank would vouch for one its peers can't open); the request is inline, and
+    the scheduler builds what the legacy ``from_dict`` builds."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    image = _jpeg(seed=21)
+    legacy_inputs = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", workers)
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(8 << 20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir, nnodes=2, node_rank=0,
+                                dist_init_addr="127.0.0.1:29517")
+    try:
+        assert tm.mmpre.region is None, "a region on a multi-node server"
+        assert tm.mmpre.pool is None, "a pool would send every tensor through its pipes"
+
+        async def tokenize_and_send(socket):
+            with tm.mmpre.request_scope():
+                req = await tokenize_one(tm, image_data=[image])
+                tm.mmpre.send(socket, req)
+                return req
+
+        socket = _Socket()
+        req = asyncio.run(tokenize_and_send(socket))
+        assert req.materialized_mm_inputs.segment is None, "the tensors are not inline"
+        assert os.listdir(shm_dir) == [], "a file of ours on a multi-node server"
+        built = schedule_one(monkeypatch, socket.sent[0])
+        assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == []
