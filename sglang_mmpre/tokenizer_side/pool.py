@@ -28,10 +28,15 @@ Note [processor pool]
   parent: the loop awaits a future and never touches a pipe.
 - An exception the processor raises comes back and is raised again, so the client gets
   what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
-  today.
+  today (nothing was sent; the credit stays). A reply that can't be unpickled fails its
+  job with :class:`ProcessorReplyUnreadable`, and the worker is told to drop the reply's
+  references (``pool_worker.py``).
 - A worker that dies fails its one job with :class:`ProcessorWorkerDied`; its thread
   starts a replacement. Queued jobs wait for it; nothing else fails (a worker found dead
-  when a job is taken, having died while idle, fails none).
+  when a job is taken, having died while idle, fails none). A job still running at its
+  deadline (sglang's ``--mm-per-request-timeout``, else :data:`JOB_TIMEOUT_S`) fails with
+  :class:`ProcessorWorkerHung`, and its worker is killed and replaced the same way. A dead
+  worker's files go by Note [one ledger per worker].
 - The pool is built when the TokenizerManager is, and waits for every worker's first
   start (seconds; it overlaps the scheduler's model loading). A worker that can't start
   leaves the others; with none, every job runs in the parent, as today.
