@@ -450,3 +450,19 @@ def test_dead_forkserver_is_restarted_for_the_replacement_worker(pooled):
     assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) \
         == replacement
     pooled.mmpre.release_unsent(req)
+
+
+def test_stop_signal_to_the_process_group_leaves_workers_serving_until_their_pipe_closes(
+    pooled, shm_dir
+):
+    """Ctrl-C or ``systemctl stop`` signal every process of the server: the workers keep
+    serving the requests sglang drains, and exit (their files with them) at shutdown."""
+    from tiny_models import tokenize_one
+
+    (worker,) = _worker_pids(pooled)
+    os.kill(worker, signal.SIGTERM)
+    os.kill(worker, signal.SIGINT)
+    req = asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=37)]))
+    assert _worker_pids(pooled) == [worker], "a stop signal killed the worker"
+    assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) == worker
+    pooled.mmpre.release_unsent(req)
