@@ -16,13 +16,14 @@ import os
 import pickle
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from sglang_mmpre.scheduler_side import region_cache
 from sglang_mmpre.tokenizer_side.pool import PooledProcessor, ProcessorWorkerDied
-from sglang_mmpre.transport.descriptors import RegionDescriptor
+from sglang_mmpre.transport.descriptors import RegionDescriptor, SegmentDescriptor
 from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 
 from server_cases import stalling_image_url
@@ -60,7 +61,9 @@ def _worker_pids(tm) -> list[int]:
 
 
 def _refcounts(tm, region: RegionDescriptor) -> list[int]:
-    table = tm.mmpre.pool._regions[region.name].attached.table
+    (ledger,) = [ledger for ledger in tm.mmpre.pool._ledgers.values()
+                 if region.name in ledger.regions]
+    table = ledger.regions[region.name].attached.table
     return [table.refcount(ref.index) for ref in region.slots]
 
 
@@ -194,4 +197,280 @@ def test_worker_killed_while_idle_fails_no_request(pooled):
     assert replacement != victim
     region = req.materialized_mm_inputs.segment
     assert int(OWNED_NAME_RE.match(region.name).group(2)) == replacement
+    pooled.mmpre.release_unsent(req)
+
+
+@pytest.mark.parametrize("workers", ["1", "0"])
+def test_multi_node_server_args_send_every_tensor_inline_and_create_no_file(
+    model_dir, shm_dir, monkeypatch, workers
+):
+    """``--nnodes 2 --dist-init-addr``: ranks on the other node can't open this node's
+    shared memory, so neither the TokenizerManager nor a pool worker makes a region (the
+    entry rank would vouch for one its peers can't open); the request is inline, and
+    the scheduler builds what the legacy ``from_dict`` builds."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    image = _jpeg(seed=21)
+    legacy_inputs = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", workers)
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(8 << 20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir, nnodes=2, node_rank=0,
+                                dist_init_addr="127.0.0.1:29517")
+    try:
+        assert tm.mmpre.region is None, "a region on a multi-node server"
+        assert tm.mmpre.pool is None, "a pool would send every tensor through its pipes"
+
+        async def tokenize_and_send(socket):
+            with tm.mmpre.request_scope():
+                req = await tokenize_one(tm, image_data=[image])
+                tm.mmpre.send(socket, req)
+                return req
+
+        socket = _Socket()
+        req = asyncio.run(tokenize_and_send(socket))
+        assert req.materialized_mm_inputs.segment is None, "the tensors are not inline"
+        assert os.listdir(shm_dir) == [], "a file of ours on a multi-node server"
+        built = schedule_one(monkeypatch, socket.sent[0])
+        assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == []
+
+
+def _wait_gone(shm_dir, stem: str, timeout: float = 30.0) -> list[str]:
+    """Names of ``stem``'s files still in ``shm_dir`` once they went (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [n for n in os.listdir(shm_dir) if n.startswith(stem)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _kill_idle_worker(tm) -> int:
+    """SIGKILL the one worker while idle and return its pid (the next request finds it
+    dead and starts a replacement)."""
+    (worker,) = tm.mmpre.pool._workers
+    victim = worker.process.pid
+    os.kill(victim, signal.SIGKILL)
+    worker.process.join(30)
+    return victim
+
+
+@pytest.fixture
+def pooled_segments(model_dir, shm_dir, monkeypatch):
+    """A pool of one worker whose share of the cap is below the region's chunk: every
+    request takes a segment (docker --shm-size=1g with 4+ workers)."""
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
+    monkeypatch.setenv("SGLANG_MM_SHM_CAP_BYTES", str(16 << 20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir)
+    try:
+        yield tm
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+
+
+def test_dead_workers_adopted_segment_stays_until_the_rank_mapped_it(
+    pooled_segments, shm_dir, monkeypatch
+):
+    from tiny_models import tokenize_one
+
+    tm = pooled_segments
+    socket = _Socket()
+
+    async def scenario():
+        with tm.mmpre.request_scope():
+            req = await tokenize_one(tm, image_data=[_jpeg(448, 448, seed=7)])
+            seg = req.materialized_mm_inputs.segment
+            assert isinstance(seg, SegmentDescriptor), "the request took no segment"
+            tm.mmpre.send(socket, req)
+            victim = _kill_idle_worker(tm)
+            # The next job finds the worker dead and starts a replacement.
+            other = await tokenize_one(tm, image_data=[_jpeg(448, 448, seed=8)])
+            assert other.materialized_mm_inputs.segment is not None
+            assert seg.name in os.listdir(shm_dir), \
+                "the dead worker's segment was swept under a request in flight"
+        return seg, victim
+
+    seg, victim = asyncio.run(scenario())
+    # The request was aborted while queued at the scheduler: the rank maps it only now.
+    assert seg.name in os.listdir(shm_dir)
+    built = schedule_one(monkeypatch, socket.sent[0])
+    assert built.multimodal_inputs is not None
+    del built
+    gc.collect()
+    assert _wait_gone(shm_dir, f"sglmmpre_{victim}_") == []
+
+
+def test_dead_workers_region_stays_while_a_rank_holds_a_slot_after_the_scope_closed(
+    pooled, shm_dir, monkeypatch
+):
+    from tiny_models import tokenize_one
+
+    socket = _Socket()
+
+    async def scenario():
+        with pooled.mmpre.request_scope():  # aborted while queued: the scope closes first
+            req = await tokenize_one(pooled, image_data=[_jpeg(seed=9)])
+            pooled.mmpre.send(socket, req)
+        region = req.materialized_mm_inputs.segment
+        assert isinstance(region, RegionDescriptor)
+        victim = _kill_idle_worker(pooled)
+        pooled.mmpre.release_unsent(await tokenize_one(pooled, image_data=[_jpeg(seed=10)]))
+        return region, victim
+
+    region, victim = asyncio.run(scenario())
+    assert region.name in os.listdir(shm_dir), \
+        "the dead worker's region was retired while a request naming it was queued"
+    built = schedule_one(monkeypatch, socket.sent[0])
+    assert built.multimodal_inputs is not None
+    del built
+    gc.collect()
+    assert region_cache.flush()
+    assert _wait_gone(shm_dir, f"sglmmpre_{victim}_") == []
+    deadline = time.monotonic() + 30
+    while region.name in region_cache.attached_names() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert region.name not in region_cache.attached_names(), "the rank kept the retired region"
+
+
+def _region_refcounts(shm_dir, name: str) -> list[int]:
+    """Every slot refcount of region ``name``, read through a mapping of its own."""
+    from sglang_mmpre.scheduler_side.region_cache import open_region
+
+    region = open_region(str(shm_dir), name)
+    try:
+        return [region.table.refcount(i) for i in range(region.slot_count)]
+    finally:
+        region.close()
+
+
+def test_job_that_cannot_be_pickled_runs_in_the_parent_and_keeps_the_workers_credit(pooled):
+    pool = pooled.mmpre.pool
+    (worker,) = pool._workers
+    with pool._lock:
+        worker.credit = 12345  # segment bytes released since the worker's last job
+    future = pool.submit({"image_data": [lambda: None]})  # a lambda can't be pickled
+    with pytest.raises(Exception) as info:
+        future.result(60)
+    assert type(info.value).__name__ == "_RunInParent"
+    assert worker.credit == 12345, "the credit was lost with the job"
+
+
+def test_unreadable_reply_fails_its_request_and_leaks_no_slot(pooled, shm_dir, monkeypatch):
+    from multiprocessing.reduction import ForkingPickler
+
+    from sglang_mmpre.tokenizer_side.pool import ProcessorReplyUnreadable
+    from tiny_models import tokenize_one
+
+    real_loads, failed = ForkingPickler.loads, []
+
+    def loads(data, *args, **kwargs):
+        if not failed:  # the next reply that the parent reads
+            failed.append(True)
+            raise pickle.UnpicklingError("no such class here")
+        return real_loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(ForkingPickler, "loads", loads)
+    with pytest.raises(ProcessorReplyUnreadable, match="could not be read"):
+        asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=31)]))
+    monkeypatch.setattr(ForkingPickler, "loads", real_loads)
+    # The next request, on the same worker, is served; once it is released no slot of
+    # the worker's region is referenced: the unread reply's slots were released too.
+    req = asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=32)]))
+    region = req.materialized_mm_inputs.segment
+    assert isinstance(region, RegionDescriptor)
+    pooled.mmpre.release_unsent(req)
+    assert set(_region_refcounts(shm_dir, region.name)) == {0}
+
+
+def test_hung_worker_is_killed_at_the_job_deadline_and_replaced(model_dir, shm_dir, monkeypatch):
+    from sglang_mmpre.tokenizer_side.pool import ProcessorWorkerHung
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
+    monkeypatch.setenv("REQUEST_TIMEOUT", "600")  # sglang's image download waits this long
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir, mm_per_request_timeout=5)
+    try:
+        pool = tm.mmpre.pool
+        futures = []
+        submit = pool.submit
+        monkeypatch.setattr(pool, "submit", lambda job: futures.append(submit(job)) or futures[-1])
+        (hung,) = _worker_pids(tm)
+        with stalling_image_url() as (url, hit):
+            with pytest.raises(Exception):  # sglang's own timeout, or the deadline's error
+                asyncio.run(tokenize_one(tm, image_data=[url]))
+            assert hit.is_set()
+            with pytest.raises(ProcessorWorkerHung, match=rf"pid {hung}\) did not finish"):
+                futures[0].result(60)
+        deadline = time.monotonic() + 60
+        while _worker_pids(tm) in ([hung], []) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (replacement,) = _worker_pids(tm)
+        assert replacement != hung
+        req = asyncio.run(tokenize_one(tm, image_data=[_jpeg(seed=33)]))
+        assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) \
+            == replacement
+        tm.mmpre.release_unsent(req)
+        assert _wait_gone(shm_dir, f"sglmmpre_{hung}_") == []
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == []
+
+
+def test_dead_forkserver_is_restarted_for_the_replacement_worker(pooled):
+    """The forkserver killed, then the worker: the next job finds the worker dead, and its
+    replacement comes from a new forkserver (multiprocessing starts one; it imports sglang
+    again, so that first job may meet sglang's --mm-per-request-timeout meanwhile)."""
+    from multiprocessing import forkserver
+
+    from tiny_models import tokenize_one
+
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None, "the pool did not start a forkserver"
+    os.kill(server, signal.SIGKILL)
+    (worker,) = pooled.mmpre.pool._workers
+    victim = worker.process.pid
+    os.kill(victim, signal.SIGKILL)
+    try:
+        pooled.mmpre.release_unsent(asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=34)])))
+    except TimeoutError:
+        pass
+    deadline = time.monotonic() + 300
+    while _worker_pids(pooled) in ([victim], [None], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (replacement,) = _worker_pids(pooled)
+    assert replacement not in (victim, None)
+    assert forkserver._forkserver._forkserver_pid not in (None, server)
+    req = asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=35)]))
+    assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) \
+        == replacement
+    pooled.mmpre.release_unsent(req)
+
+
+def test_stop_signal_to_the_process_group_leaves_workers_serving_until_their_pipe_closes(
+    pooled, shm_dir
+):
+    """Ctrl-C or ``systemctl stop`` signal every process of the server: the workers keep
+    serving the requests sglang drains, and exit (their files with them) at shutdown."""
+    from tiny_models import tokenize_one
+
+    (worker,) = _worker_pids(pooled)
+    os.kill(worker, signal.SIGTERM)
+    os.kill(worker, signal.SIGINT)
+    req = asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=37)]))
+    assert _worker_pids(pooled) == [worker], "a stop signal killed the worker"
+    assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) == worker
     pooled.mmpre.release_unsent(req)

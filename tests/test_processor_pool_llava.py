@@ -130,7 +130,9 @@ def test_pooled_llava_request_equals_legacy_from_dict_with_feature_in_the_worker
     assert isinstance(item.feature, TensorDescriptor) and item.feature.kind == "numpy"
     assert len(sent) < legacy_item.feature.nbytes // 10 < len(pickle.dumps(legacy_req)) // 10, \
         "the pixels travelled with the request"
-    table = pooled.mmpre.pool._regions[region.name].attached.table
+    (ledger,) = [ledger for ledger in pooled.mmpre.pool._ledgers.values()
+                 if region.name in ledger.regions]
+    table = ledger.regions[region.name].attached.table
     assert [table.refcount(ref.index) for ref in region.slots] == [1] * len(region.slots)
 
     built = schedule_one(monkeypatch, sent, pad_input_ids_func=_pad_image_token)

@@ -141,3 +141,37 @@ def test_embedding_request_uses_slots(tokenizer_manager, shm_dir, monkeypatch):
     assert scheduler.queued[0].multimodal_inputs is not None
     del scheduler
     assert _settled_live_slots(tokenizer_manager) == 0
+
+
+def test_region_retired_between_attach_and_lease_stays_mapped_until_its_slots_are_leased(
+    tokenizer_manager, model_dir, monkeypatch
+):
+    """The releaser thread forgets retired regions; one that a rank is resolving a
+    request from (attached, slots not leased yet) is pinned, so the request is built."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from sglang_mmpre.transport.region import retire
+    from tiny_models import tokenize_one
+
+    image = _jpeg(seed=13)
+    legacy = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
+    req = asyncio.run(tokenize_one(tokenizer_manager, image_data=[image]))
+    socket = _Socket()
+    tokenizer_manager.mmpre.send(socket, req)
+    tokenizer_manager.mmpre.release_unsent(req)
+    lease = region_cache.AttachedRegion.lease
+
+    def lease_after_retirement(region, refs):
+        retire(region.fd)  # the owner retired it meanwhile (its shutdown) ...
+        region_cache._forget_retired()  # ... and the releaser thread ran right here
+        return lease(region, refs)
+
+    monkeypatch.setattr(region_cache.AttachedRegion, "lease", lease_after_retirement)
+    built = schedule_one(monkeypatch, socket.sent[0])
+    assert_equal_inputs(built.multimodal_inputs, legacy)
+    monkeypatch.setattr(region_cache.AttachedRegion, "lease", lease)
+    name = req.materialized_mm_inputs.segment.name
+    assert name in region_cache.attached_names()
+    del built
+    gc.collect()
+    assert region_cache.flush()
+    assert name not in region_cache.attached_names(), "a retired region stayed mapped"

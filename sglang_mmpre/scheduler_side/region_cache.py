@@ -69,7 +69,7 @@ from sglang_mmpre.transport.region import (
     extent,
 )
 
-__all__ = ["AttachedRegion", "attach", "attached_names", "flush", "leases_held",
+__all__ = ["AttachedRegion", "attach", "unpin", "attached_names", "flush", "leases_held",
            "open_region", "release_cpu_seconds", "start_releaser"]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class AttachedRegion:
         self._chunks: dict[int, mmap.mmap] = {}
         self._leases: dict[int, int] = {}  # slot index -> live leases on this rank
         self._local = threading.Lock()
+        self.pins = 0  # resolutions between attach(pin=True) and lease() (under _ATTACH_LOCK)
 
     def slot_in_bounds(self, ref: SlotRef) -> bool:
         """Whether ``ref`` lies inside one chunk the owner has reserved."""
@@ -179,12 +180,14 @@ _ATTACHED: dict[str, AttachedRegion] = {}
 _ATTACH_LOCK = threading.Lock()
 
 
-def attach(shm_dir: str, name: str, nonce: bytes) -> AttachedRegion:
+def attach(shm_dir: str, name: str, nonce: bytes, pin: bool = False) -> AttachedRegion:
     """The region ``name`` mapped in this process (opened the first time).
 
     Raises :class:`MultimodalTransportError` for a name that is not ours, a file that is
     missing, not a region, or whose nonce differs (another region, e.g. another server's).
-    Nothing is kept for a refused name.
+    Nothing is kept for a refused name. ``pin``: the region stays mapped (a retired one
+    is not forgotten) until :func:`unpin`; call it once the request's slots are leased
+    or refused.
     """
     if not isinstance(name, str) or not OWNED_NAME_RE.match(name):
         raise MultimodalTransportError(f"refused region name {name!r}: not ours")
@@ -195,11 +198,21 @@ def attach(shm_dir: str, name: str, nonce: bytes) -> AttachedRegion:
         if region is None:
             region = open_region(shm_dir, name)
             _ATTACHED[name] = region
+        if pin:
+            region.pins += 1
     if region.nonce != nonce:
+        if pin:
+            unpin(region)
         raise MultimodalTransportError(
             f"descriptor does not belong to region {name} (nonce mismatch)"
         )
     return region
+
+
+def unpin(region: AttachedRegion) -> None:
+    """Undo one ``attach(..., pin=True)``."""
+    with _ATTACH_LOCK:
+        region.pins -= 1
 
 
 def open_region(shm_dir: str, name: str) -> AttachedRegion:
@@ -246,6 +259,8 @@ def leases_held() -> int:
 # -- the releaser thread ----------------------------------------------------------------
 
 _RELEASES: "queue.SimpleQueue" = queue.SimpleQueue()
+#: Seconds between checks for retired regions while no release comes.
+FORGET_INTERVAL_S = 2.0
 _releaser: Optional[threading.Thread] = None
 _releaser_lock = threading.Lock()
 _release_cpu = [0.0]  # CPU seconds the releaser thread spent releasing
@@ -253,7 +268,11 @@ _release_cpu = [0.0]  # CPU seconds the releaser thread spent releasing
 
 def _release_forever() -> None:
     while True:
-        items = [_RELEASES.get()]
+        try:
+            items = [_RELEASES.get(timeout=FORGET_INTERVAL_S)]
+        except queue.Empty:  # idle: forget regions retired since the last release
+            _forget_retired()
+            continue
         t0 = time.thread_time()
         while True:  # take everything queued meanwhile: one lock per region and batch
             try:
@@ -270,29 +289,36 @@ def _release_forever() -> None:
         for region, slots in by_region.items():
             try:
                 region.release(slots)
-                _forget_if_retired(region)
             except Exception:  # keep releasing the others; a bad entry only leaks its slots
                 logger.exception("sglang_mmpre: releasing slots of %s failed", region.name)
+        _forget_retired()
         _release_cpu[0] += time.thread_time() - t0
         for event in events:
             event.set()
 
 
-def _forget_if_retired(region: AttachedRegion) -> None:
-    """Unmap a retired region once this rank views none of its slots.
+def _forget_retired() -> None:
+    """Unmap every retired region that this rank views no slot of and no resolution has
+    pinned.
 
     A region is retired (``transport/region.py``) only when no request can name it again
-    (its owner shut down, or it belonged to a pool worker that died and every request
-    placed there has ended: ``tokenizer_side/pool.py``), so every rank may forget it on
-    its own. Without this, this rank's mappings would keep its pages in the shm directory
-    until the rank exits. A region deleted from outside is not retired: requests already
-    sent may still name it, and the entry rank's verdict on them must hold on every rank.
+    (its owner shut down, or it belonged to a pool worker that died and every slot of it
+    has refcount 0: ``tokenizer_side/pool.py``), so every rank may forget it on its own.
+    Without this, this rank's mappings would keep its pages in the shm directory until the
+    rank exits. Checked after each batch of releases and every ``FORGET_INTERVAL_S`` while
+    idle (the owner retires it after the last release). A region deleted from outside is
+    not retired: requests already sent may still name it, and the entry rank's verdict on
+    them must hold on every rank.
     """
     with _ATTACH_LOCK:
-        if _ATTACHED.get(region.name) is region and region.live_leases() == 0 \
-                and region.retired():
-            del _ATTACHED[region.name]
-            region.close()
+        for name, region in list(_ATTACHED.items()):
+            try:
+                gone = region.pins == 0 and region.live_leases() == 0 and region.retired()
+            except OSError:  # pragma: no cover - the fd is ours until close
+                continue
+            if gone:
+                del _ATTACHED[name]
+                region.close()
 
 
 def release_cpu_seconds() -> float:

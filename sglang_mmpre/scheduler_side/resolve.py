@@ -42,7 +42,7 @@ from sglang_mmpre.errors import (
     SegmentUnreachableError,
     SegmentVanishedError,
 )
-from sglang_mmpre.scheduler_side.region_cache import attach
+from sglang_mmpre.scheduler_side.region_cache import attach, unpin
 from sglang_mmpre.transport.carrier import HASHED_FIELDS, MaterializedMultimodalInputs, walk_tensors
 from sglang_mmpre.transport.descriptors import (
     RegionDescriptor,
@@ -339,11 +339,32 @@ def _resolve_slots(m: MaterializedMultimodalInputs, table: list,
     inputs, desc = m.inputs, m.segment
     refs = _check_slot_refs(desc)
     try:
-        region = attach(shm_dir, desc.name, desc.nonce)
+        region = attach(shm_dir, desc.name, desc.nonce, pin=True)
     except SegmentUnreachableError as e:
         if m.vouched:
             raise _vanished(shm_dir, e) from e
         raise MultimodalTransportError(m.refusal or str(e)) from None
+    try:  # pinned: the releaser thread can't forget it before its slots are leased
+        leases, where = _check_and_lease(m, region, refs, table, expected_consumers)
+    finally:
+        unpin(region)
+    resolved = _copy_for_views(inputs)
+
+    def view(leaf, _hash):
+        if not isinstance(leaf, TensorDescriptor):
+            return leaf
+        ref = where[id(leaf)]
+        return _slot_view(leases[ref.index], leaf, ref.offset)
+
+    walk_tensors(resolved, view)
+    return resolved
+
+
+def _check_and_lease(m: MaterializedMultimodalInputs, region: Any, refs: tuple,
+                     table: list, expected_consumers: int) -> tuple[dict, dict]:
+    """Refuse ``m``'s slot references or lease them (see :func:`_resolve_slots`); returns
+    the leases and each descriptor's slot reference."""
+    inputs, desc = m.inputs, m.segment
     if any(r.index >= region.slot_count for r in refs):
         raise MultimodalTransportError(f"slot index out of range for region {desc.name}")
     problem = m.refusal
@@ -376,14 +397,4 @@ def _resolve_slots(m: MaterializedMultimodalInputs, table: list,
                 region.table.add(r.index, -1)
     if problem is not None:
         raise MultimodalTransportError(problem)
-    leases = region.lease(refs)
-    resolved = _copy_for_views(inputs)
-
-    def view(leaf, _hash):
-        if not isinstance(leaf, TensorDescriptor):
-            return leaf
-        ref = where[id(leaf)]
-        return _slot_view(leases[ref.index], leaf, ref.offset)
-
-    walk_tensors(resolved, view)
-    return resolved
+    return region.lease(refs), where

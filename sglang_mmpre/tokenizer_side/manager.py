@@ -131,13 +131,19 @@ class TokenizerSide:
                        transport_mode: Any) -> Any:
         """sglang's ``AsyncMMDataProcessor`` (same concurrency cap and timeout) over a
         :class:`ProcessorPool`, or ``data_processor`` itself when the pool is off
-        (``SGLANG_MM_PROCESSOR_WORKERS=0``) or this model's processor can't run in one
-        (``pool_unsupported_reason``); then this process allocates its own region."""
+        (``SGLANG_MM_PROCESSOR_WORKERS=0``), shared memory can't reach every rank
+        (``--nnodes > 1``: no region anywhere, every tensor inline), or this model's
+        processor can't run in one (``pool_unsupported_reason``); then this process
+        allocates its own region."""
         workers = self.settings.processor_workers
         if not self.settings.enabled or workers <= 0:
             return data_processor
-        reason = self._no_shm_reason or pool_unsupported_reason(
-            data_processor.mm_processor, server_args, self.settings.preprocessing_device)
+        if self._no_shm_reason is not None:
+            # Inline transport: a worker's reply would carry every tensor through its pipe.
+            logger.info("sglang_mmpre: no processor pool: %s.", self._no_shm_reason)
+            return data_processor
+        reason = pool_unsupported_reason(data_processor.mm_processor, server_args,
+                                         self.settings.preprocessing_device)
         if reason is not None:
             logger.info("sglang_mmpre: no processor pool for this model: %s.", reason)
             self._start_region()
@@ -161,9 +167,10 @@ class TokenizerSide:
         )
 
     def _start_region(self) -> None:
-        """Allocate and fault in the first chunk of this process's region (if configured)."""
+        """Allocate and fault in the first chunk of this process's region (if configured,
+        and only where every rank can open it: ``shm_unusable_reason``)."""
         chunk = self.settings.region_chunk_bytes
-        if chunk <= 0:
+        if chunk <= 0 or self._no_shm_reason is not None:
             return
         chunk = (chunk + 4095) // 4096 * 4096
         if chunk > self.settings.shm_cap_bytes:
@@ -233,7 +240,13 @@ class TokenizerSide:
             logger.warning("sglang_mmpre: %s", message)
 
     def build(self, mm_dict: dict) -> MaterializedMultimodalInputs:
-        """Materialize ``mm_dict`` into region slots, else a segment, else inline. Thread-safe."""
+        """Materialize ``mm_dict`` into region slots, else a segment, else inline. Thread-safe.
+
+        Where shared memory can't reach every rank (``--nnodes > 1``), always inline: the
+        entry rank would vouch for a file its peers on other nodes can't open."""
+        if self._no_shm_reason is not None:
+            self.warn_once("remote", f"multimodal tensors travel inline: {self._no_shm_reason}.")
+            return MaterializedMultimodalInputs(materialize(mm_dict))
         region = self._live_region()
         if region is not None:
             try:
@@ -243,9 +256,6 @@ class TokenizerSide:
                                "fits); requests take a segment each meanwhile. Raise "
                                "SGLANG_MM_SHM_CAP_BYTES if this persists.")
         inputs = materialize(mm_dict)
-        if self._no_shm_reason is not None:
-            self.warn_once("remote", f"multimodal tensors travel inline: {self._no_shm_reason}.")
-            return MaterializedMultimodalInputs(inputs)
         layout = plan(inputs)
         if not layout.leaves:  # e.g. CUDA-resident features: nothing for shared memory
             return MaterializedMultimodalInputs(inputs)

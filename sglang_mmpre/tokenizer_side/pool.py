@@ -28,10 +28,15 @@ Note [processor pool]
   parent: the loop awaits a future and never touches a pipe.
 - An exception the processor raises comes back and is raised again, so the client gets
   what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
-  today.
+  today (nothing was sent; the credit stays). A reply that can't be unpickled fails its
+  job with :class:`ProcessorReplyUnreadable`, and the worker is told to drop the reply's
+  references (``pool_worker.py``).
 - A worker that dies fails its one job with :class:`ProcessorWorkerDied`; its thread
   starts a replacement. Queued jobs wait for it; nothing else fails (a worker found dead
-  when a job is taken, having died while idle, fails none).
+  when a job is taken, having died while idle, fails none). A job still running at its
+  deadline (sglang's ``--mm-per-request-timeout``, else :data:`JOB_TIMEOUT_S`) fails with
+  :class:`ProcessorWorkerHung`, and its worker is killed and replaced the same way. A dead
+  worker's files go by Note [one ledger per worker].
 - The pool is built when the TokenizerManager is, and waits for every worker's first
   start (seconds; it overlaps the scheduler's model loading). A worker that can't start
   leaves the others; with none, every job runs in the parent, as today.
@@ -45,8 +50,10 @@ reads               the scheduler ranks (``scheduler_side/region_cache.py``)
 releases            the parent: the creator reference, when the request scope ends; each
                     rank: its consumer reference, when its last view of the slot is freed
 stale reference     refused by generation (Note [slot isolation] in ``region_cache.py``)
-worker dies         its lock is free, its region stays while requests placed there live;
-                    when the last one ends the parent retires it and sweeps it
+worker dies         its lock is free; its region and segments stay until the parent holds
+                    no reference on them and every slot's refcount is 0 (ranks included),
+                    then the parent retires the region and sweeps the worker's files
+                    (Note [one ledger per worker])
 parent dies         the worker reads EOF, unlinks its region and exits
 whole server dies   the next start-up sweep (every worker has its own creator lock)
 ==================  ========================================================================
@@ -59,11 +66,11 @@ import inspect
 import logging
 import multiprocessing
 import os
-import pickle
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Optional
 
 from sglang_mmpre.config import Settings
@@ -75,6 +82,8 @@ from sglang_mmpre.transport.descriptors import RegionDescriptor, SegmentDescript
 __all__ = [
     "ProcessorPool",
     "ProcessorWorkerDied",
+    "ProcessorWorkerHung",
+    "ProcessorReplyUnreadable",
     "PooledHold",
     "PooledProcessor",
     "PooledResult",
@@ -88,6 +97,11 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
 #: Seconds a worker has to exit after its pipe is closed, before it is killed.
 STOP_TIMEOUT_S = 5.0
+#: Seconds one job may run in a worker when sglang's ``--mm-per-request-timeout`` is unset
+#: (sglang 0.5.5's default is 10 s, and then that is the deadline).
+JOB_TIMEOUT_S = 300.0
+#: Seconds between checks whether a dead worker's files are still needed.
+REAP_INTERVAL_S = 1.0
 
 
 class ProcessorWorkerDied(MmpreError, ValueError):
@@ -97,6 +111,17 @@ class ProcessorWorkerDied(MmpreError, ValueError):
     (any other exception gives a bare 500). Only the request that worker was processing
     fails; the pool starts a replacement. Retrying the request is safe.
     """
+
+
+class ProcessorWorkerHung(ProcessorWorkerDied):
+    """The worker ran this request's processor past the job deadline (sglang's
+    ``--mm-per-request-timeout``, else :data:`JOB_TIMEOUT_S`): it was killed, and the pool
+    starts a replacement. Only this request fails."""
+
+
+class ProcessorReplyUnreadable(MmpreError, ValueError):
+    """The worker's reply for this request could not be unpickled in the tokenizer
+    process; the worker released the reply's tensors. Only this request fails."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +211,6 @@ class _WorkerRegion:
         self.attached = open_region(shm_dir, name)
         self.name = name
         self.path = os.path.join(shm_dir, name)
-        self.holds = 0
-        self.worker_gone = False
         self.closed = False
 
     def adjust(self, refs: list, delta: int) -> None:
@@ -196,6 +219,11 @@ class _WorkerRegion:
         with self.attached.table.locked():
             for ref in refs:
                 self.attached.table.add(ref.index, delta)
+
+    def unreferenced(self) -> bool:
+        """Whether no slot of its table has a reference left (no creator, no rank)."""
+        table = self.attached.table
+        return all(table.refcount(i) == 0 for i in range(table.slot_count))
 
     def retire(self) -> None:
         """No request names it any more: mark it retired, unlink it, close the handle."""
@@ -210,6 +238,24 @@ class _WorkerRegion:
         self.attached.close()
 
 
+class _Ledger:
+    """Note [one ledger per worker]: everything of one worker's files that the parent
+    holds, under its creator stem. A dead worker's files (its regions, its segments and
+    its lock file) are removed only when (1) the parent holds no creator reference on any
+    of them (``holds``: a slot reply's or an adopted segment's), (2) every slot of its
+    regions has refcount 0 (ranks too: a request sent and then aborted may still be
+    queued at the scheduler), and (3) no segment of it is left (a segment is unlinked by
+    whoever drops its last reference). The pool checks that when a hold is released and
+    every ``REAP_INTERVAL_S`` (ranks release without telling it), and only once the
+    worker's creator lock is free (``transport/liveness.py``)."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+        self.holds = 0
+        self.regions: dict[str, _WorkerRegion] = {}
+        self.gone = False
+
+
 class _Worker:
     """The parent's side of one worker process (used by its thread only)."""
 
@@ -219,7 +265,6 @@ class _Worker:
         self.process: Any = None
         self.conn: Any = None
         self.credit = 0  # segment bytes released since the last job (under pool._lock)
-        self.regions: set[str] = set()
         self.stem: Optional[str] = None  # its creator stem (liveness), once it is ready
 
     def start(self) -> bool:
@@ -268,29 +313,66 @@ class _Worker:
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def run(self, job: tuple) -> Any:
-        """Send one job and return the reply; raises :class:`ProcessorWorkerDied`."""
+        """Send one job and return the reply.
+
+        Raises :class:`_RunInParent` if the job can't be pickled (nothing was sent, the
+        credit stays), :class:`ProcessorWorkerDied` if the worker died,
+        :class:`ProcessorWorkerHung` past the job deadline (the caller kills it), and
+        :class:`ProcessorReplyUnreadable` if the reply can't be unpickled here (the worker
+        is told to drop the reply's references).
+        """
         with self.pool._lock:
             credit, self.credit = self.credit, 0
         try:
-            self.conn.send((credit, job))
-        except (pickle.PicklingError, TypeError, AttributeError):
-            raise  # nothing was written: the job runs in the parent
+            message = ForkingPickler.dumps(("job", credit, job))
+        except Exception as e:  # noqa: BLE001 - e.g. a lambda among the job's arguments
+            with self.pool._lock:
+                self.credit += credit
+            raise _RunInParent(e) from None
+        try:
+            self.conn.send_bytes(message)
         except (OSError, EOFError):
             pass  # died; recv below says so
         try:
-            return self.conn.recv()
+            if not self.conn.poll(self.pool.job_timeout_s):
+                raise ProcessorWorkerHung(
+                    f"the multimodal processor worker (pid {self.process.pid}) did not finish "
+                    f"this request within {self.pool.job_timeout_s:g} s "
+                    "(--mm-per-request-timeout); it was killed and a new one is starting. "
+                    "Look for an image or video URL that does not answer, or raise "
+                    "--mm-per-request-timeout."
+                )
+            reply = self.conn.recv_bytes()
         except (OSError, EOFError):
-            pid = self.process.pid
-            raise ProcessorWorkerDied(
-                f"the multimodal processor worker (pid {pid}) running this request died "
-                f"({self._exit()}); a new one is starting. Retry the request. If it "
-                "happens again, look for the OOM killer in the kernel log, or set "
-                "SGLANG_MM_PROCESSOR_WORKERS=0 to run the processor in the tokenizer "
-                "process as sglang does."
+            raise self._died() from None
+        try:
+            return ForkingPickler.loads(reply)
+        except Exception as e:  # noqa: BLE001 - whatever unpickling raised
+            try:
+                self.conn.send_bytes(ForkingPickler.dumps(("drop",)))
+            except (OSError, EOFError):
+                pass  # died: its files go with it (Note [one ledger per worker])
+            raise ProcessorReplyUnreadable(
+                f"the reply of the multimodal processor worker (pid {self.process.pid}) for "
+                f"this request could not be read ({type(e).__name__}: {e}); its tensors were "
+                "released. Set SGLANG_MM_PROCESSOR_WORKERS=0 to run the processor in the "
+                "tokenizer process as sglang does."
             ) from None
 
-    def stop(self) -> None:
-        """Close the pipe (the worker exits and unlinks its region), kill it if it lingers."""
+    def _died(self) -> "ProcessorWorkerDied":
+        return ProcessorWorkerDied(
+            f"the multimodal processor worker (pid {self.process.pid}) running this request "
+            f"died ({self._exit()}); a new one is starting. Retry the request. If it "
+            "happens again, look for the OOM killer in the kernel log, or set "
+            "SGLANG_MM_PROCESSOR_WORKERS=0 to run the processor in the tokenizer "
+            "process as sglang does."
+        )
+
+    def stop(self, kill: bool = False) -> None:
+        """Close the pipe (the worker exits and unlinks its region), kill it if it lingers
+        (``kill``: at once)."""
+        if kill and self.process is not None and self.process.is_alive():
+            self.process.kill()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -308,9 +390,12 @@ class ProcessorPool:
     def __init__(self, spec: WorkerSpec, size: int) -> None:
         self.spec = spec
         self.size = size
+        timeout = getattr(spec.server_args, "mm_per_request_timeout", None)
+        #: Seconds a job may run in a worker before it is killed (ProcessorWorkerHung).
+        self.job_timeout_s = float(timeout) if timeout and timeout > 0 else JOB_TIMEOUT_S
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._regions: dict[str, _WorkerRegion] = {}
+        self._ledgers: dict[str, _Ledger] = {}  # by worker stem (under self._lock)
         self._workers = [_Worker(self, i) for i in range(size)]
         self._serving = size  # threads still able to start a worker
         self.failed: Optional[str] = None  # set when no worker could start
@@ -341,7 +426,13 @@ class ProcessorPool:
                 self._give_up(carried)
                 return
             while True:
-                item, carried = (carried or self._jobs.get()), None
+                if carried is None:
+                    try:
+                        carried = self._jobs.get(timeout=REAP_INTERVAL_S)
+                    except queue.Empty:
+                        self._reap()
+                        continue
+                item, carried = carried, None
                 if item is None:
                     worker.stop()
                     self._worker_gone(worker)
@@ -359,14 +450,14 @@ class ProcessorPool:
                     continue
                 try:
                     reply = worker.run(job)
-                except ProcessorWorkerDied as e:
+                except ProcessorWorkerDied as e:  # died, or hung and killed here
                     logger.error("sglang_mmpre: %s", e)
                     future.set_exception(e)
-                    worker.stop()
+                    worker.stop(kill=isinstance(e, ProcessorWorkerHung))
                     self._worker_gone(worker)
                     break  # start a replacement
-                except BaseException as e:  # noqa: BLE001 - e.g. the job can't be pickled
-                    future.set_exception(_RunInParent(e))
+                except BaseException as e:  # noqa: BLE001 - _RunInParent, unreadable reply
+                    future.set_exception(e)
                     continue
                 self._settle(worker, future, reply)
 
@@ -404,69 +495,108 @@ class ProcessorPool:
         future.set_result(PooledResult(passed, materialized))
 
     def _hold(self, worker: _Worker, materialized: MaterializedMultimodalInputs) -> Any:
-        """The parent's creator reference on a reply's slots or segment (or None)."""
+        """The parent's creator reference on a reply's slots or segment (or None), counted
+        in the worker's ledger (Note [one ledger per worker])."""
         from sglang_mmpre.tokenizer_side.slots import SlotHold
         from sglang_mmpre.transport.segment import SegmentWriter
 
         where = materialized.segment
-        if isinstance(where, RegionDescriptor):
-            with self._lock:
-                region = self._regions.get(where.name)
+        if not isinstance(where, (RegionDescriptor, SegmentDescriptor)):
+            return None
+        with self._lock:
+            ledger = self._ledger(worker.stem)
+            region = None
+            if isinstance(where, RegionDescriptor):
+                region = ledger.regions.get(where.name)
                 if region is None:
                     region = _WorkerRegion(self.spec.settings.shm_dir, where.name)
-                    self._regions[where.name] = region
-                    worker.regions.add(where.name)
-                region.holds += 1
-            return PooledHold(SlotHold(region, list(where.slots), 0),
-                              lambda: self._region_released(region))
-        if isinstance(where, SegmentDescriptor):
+                    ledger.regions[where.name] = region
+            ledger.holds += 1
+        try:
+            if region is not None:
+                inner = SlotHold(region, list(where.slots), 0)
+                return PooledHold(inner, lambda: self._released(ledger))
             writer = SegmentWriter.adopt(self.spec.settings.shm_dir, where)
-            return PooledHold(writer, lambda: self._credit(worker, where.payload_nbytes))
-        return None
+        except BaseException:
+            self._released(ledger)
+            raise
+
+        def released() -> None:
+            self._credit(worker, where.payload_nbytes)
+            self._released(ledger)
+
+        return PooledHold(writer, released)
+
+    def _ledger(self, stem: str) -> _Ledger:
+        """The ledger of ``stem`` (under self._lock)."""
+        ledger = self._ledgers.get(stem)
+        if ledger is None:
+            ledger = self._ledgers[stem] = _Ledger(stem)
+        return ledger
 
     def _credit(self, worker: _Worker, nbytes: int) -> None:
         with self._lock:
             worker.credit += nbytes
 
-    def _region_released(self, region: _WorkerRegion) -> None:
+    def _released(self, ledger: _Ledger) -> None:
         with self._lock:
-            region.holds -= 1
-            done = region.worker_gone and region.holds == 0 and not region.closed
-            if done:
-                del self._regions[region.name]
-        if done:
-            self._retire(region)
+            ledger.holds -= 1
+        if ledger.gone:
+            self._reap()
 
     def _worker_gone(self, worker: _Worker) -> None:
-        """Retire each region of a stopped worker that no request holds any more (which
-        sweeps its files); a worker that left no region (it died before any reply) has its
-        files swept here."""
-        idle = []
+        """A stopped worker: its files go once nothing needs them (Note [one ledger per
+        worker]); a worker that died before it was ready left only what the start-up
+        sweep of the next server removes."""
+        if worker.stem is None:
+            return
         with self._lock:
-            held = False
-            for name in worker.regions:
-                region = self._regions.get(name)
-                if region is None:
-                    continue
-                region.worker_gone = True
-                if region.holds == 0:
-                    idle.append(self._regions.pop(name))
-                else:
-                    held = True
-            worker.regions = set()
-        for region in idle:
-            self._retire(region)
-        if not held and not idle and worker.stem is not None:
-            liveness.sweep(self.spec.settings.shm_dir, only=worker.stem)
+            self._ledger(worker.stem).gone = True
+        self._reap()
 
-    def _retire(self, region: _WorkerRegion) -> None:
-        """Retire and unlink a dead worker's region; then sweep that worker's files."""
+    def _reap(self, force: bool = False) -> None:
+        """Remove the files of every dead worker that nothing needs any more (``force``:
+        at shutdown, every request has drained)."""
+        shm_dir = self.spec.settings.shm_dir
+        with self._lock:
+            # Its lock, not ``join``, says it is dead: with the forkserver gone, ``join``
+            # answers at once for a worker that is still exiting.
+            done = [ledger for ledger in self._ledgers.values() if ledger.gone
+                    and not liveness.creator_alive(shm_dir, ledger.stem)
+                    and (force or (ledger.holds == 0 and self._unused(ledger)))]
+            for ledger in done:
+                del self._ledgers[ledger.stem]
+        for ledger in done:
+            try:
+                for region in ledger.regions.values():
+                    if not region.closed:
+                        region.retire()
+                liveness.sweep(shm_dir, only=ledger.stem)
+            except OSError:
+                logger.exception("sglang_mmpre: removing the files of %s failed", ledger.stem)
+
+    def _unused(self, ledger: _Ledger) -> bool:
+        """No slot of its regions referenced, and no segment of it left (under self._lock).
+
+        A region that no reply named (the worker died before its first) is opened here,
+        to be checked and retired as the others."""
+        from sglang_mmpre.errors import MultimodalTransportError
+
+        shm_dir = self.spec.settings.shm_dir
+        prefix = ledger.stem + "_"
         try:
-            region.retire()
-            stem = liveness.OWNED_NAME_RE.match(region.name).group(1)
-            liveness.sweep(self.spec.settings.shm_dir, only=stem)
+            names = [n for n in os.listdir(shm_dir) if n.startswith(prefix)]
         except OSError:
-            logger.exception("sglang_mmpre: removing region %s failed", region.path)
+            names = []
+        segments = False
+        for name in names:
+            if name in ledger.regions:
+                continue
+            try:
+                ledger.regions[name] = _WorkerRegion(shm_dir, name)
+            except MultimodalTransportError:  # a segment (or gone meanwhile)
+                segments = segments or os.path.exists(os.path.join(shm_dir, name))
+        return not segments and all(r.unreferenced() for r in ledger.regions.values())
 
     # -- the event loop's side ----------------------------------------------------------
     def submit(self, job: dict) -> Future:
@@ -490,10 +620,9 @@ class ProcessorPool:
         for t in self._threads:
             t.join(STOP_TIMEOUT_S + 2.0)
         with self._lock:
-            regions, self._regions = list(self._regions.values()), {}
-        for region in regions:
-            if not region.closed:
-                self._retire(region)
+            for ledger in self._ledgers.values():
+                ledger.gone = True
+        self._reap(force=True)
 
 
 class _RunInParent(Exception):

@@ -6,15 +6,22 @@ starts in about a second), or spawned where it may use CUDA (Note [preprocessing
 in ``preprocessing_device.py``); see Note [processor pool] in ``pool.py``. The pipe to the
 parent carries, one at a time::
 
-    parent -> worker   (credit, job)         credit: segment bytes the parent released
+    parent -> worker   ("job", credit, job)  credit: segment bytes the parent released
                                              since the last job; job: the keyword
                                              arguments of process_mm_data_async
+                       ("drop",)             the parent could not unpickle the last
+                                             reply: release its slots or segment
     worker -> parent   ("ready", creator stem) once, then per job one of
                        ("ok", ({"input_ids": ...} or {}, MaterializedMultimodalInputs))
                        ("error", the exception the processor raised)
 
+The creator reference of an "ok" reply passes to the parent with the parent's next
+message (or EOF), unless that message is "drop".
+
 The worker exits when the parent closes its end (shutdown, or the parent died), after
-unlinking its region.
+unlinking its region. It ignores SIGINT and SIGTERM: a stop signal sent to the whole
+process group (Ctrl-C, ``systemctl stop``) must not fail the requests the parent is still
+draining; the parent closes the pipe once they are done.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import signal
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -83,11 +91,21 @@ def _portable(error: BaseException) -> BaseException:
 
 def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
     loop = asyncio.new_event_loop()
+    pending = None  # the creator reference of the last reply, until the parent's next word
     while True:
         try:
-            credit, job = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
+            if pending is not None:
+                side.hand_over(pending)
             return
+        if pending is not None:
+            # "drop": the parent could not read the reply; else it took the reference.
+            (side.release if message[0] == "drop" else side.hand_over)(pending)
+            pending = None
+        if message[0] != "job":
+            continue
+        _, credit, job = message
         side.credit(credit)
         try:
             mm_dict = loop.run_until_complete(mm_processor.process_mm_data_async(**job))
@@ -104,8 +122,7 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
             if writer is not None:
                 side.release(writer)  # the parent never got it
             raise
-        if writer is not None:
-            side.hand_over(writer)
+        pending = writer
 
 
 def main(conn: Any, spec: Any, index: int) -> None:
@@ -117,6 +134,8 @@ def main(conn: Any, spec: Any, index: int) -> None:
         setproctitle.setproctitle(f"sglang::mm_processor_{index}")
     except ImportError:  # pragma: no cover - sglang depends on it
         pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s] sglang_mmpre processor worker: %(message)s")
     try:

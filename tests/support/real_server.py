@@ -243,6 +243,9 @@ class ServerConfig:
     #: Keep sglang's default fast image processor (on a CPU server: without
     #: ``--disable-fast-image-processor``).
     fast_image_processor: bool = False
+    #: Our files in ``/dev/shm`` with ``SGLANG_MM_SHM_DIR`` unset, as a user runs it
+    #: (other servers may share the directory: see :meth:`RealServer.own_files`).
+    default_shm_dir: bool = False
 
 
 @dataclass
@@ -259,11 +262,14 @@ class RealServer:
     log_path: Optional[Path] = None
     _shm_before: frozenset[str] = frozenset()
     _own_shm_dir: bool = False
+    _pids_seen: frozenset[int] = frozenset()
 
     # -- start -----------------------------------------------------------------------
     def start(self) -> "RealServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.shm_dir is None:
+        if self.config.default_shm_dir:
+            self.shm_dir = Path("/dev/shm")
+        elif self.shm_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
             import tempfile
 
@@ -281,6 +287,8 @@ class RealServer:
         else:
             env.update(PYTHONUNBUFFERED="1")
         env.update(PYTHONPATH=os.pathsep.join(path), SGLANG_MM_SHM_DIR=str(self.shm_dir))
+        if self.config.default_shm_dir:
+            del env["SGLANG_MM_SHM_DIR"]
         env.update(dict(self.config.env))
         self.port = _free_port()
         self._shm_before = frozenset(_sglang_shm_files())
@@ -366,6 +374,24 @@ class RealServer:
                 out[pid] = "tokenizer"
             elif cmdline.startswith("sglang::"):
                 out[pid] = cmdline[len("sglang::") :].split()[0]
+        self._pids_seen |= frozenset(out)
+        return out
+
+    def own_files(self, with_locks: bool = False, with_regions: bool = False) -> list[str]:
+        """:func:`segment_files` of ``shm_dir`` made by a process of this server (the
+        creator's pid is in the name; processes are noted whenever :meth:`processes` runs,
+        so call it while the server lives): in a shared ``/dev/shm``, other servers'
+        files are not this one's."""
+        from sglang_mmpre.transport.liveness import LOCK_NAME_RE, OWNED_NAME_RE
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.processes()
+        pids = self._pids_seen | ({self.proc.pid} if self.proc is not None else set())
+        out = []
+        for name in segment_files(self.shm_dir, with_locks, with_regions):
+            match = OWNED_NAME_RE.match(name) or LOCK_NAME_RE.match(name)
+            if match and int(match.group(2)) in pids:
+                out.append(name)
         return out
 
     def cpu_seconds(self) -> dict[str, float]:
