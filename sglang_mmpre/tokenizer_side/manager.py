@@ -145,7 +145,8 @@ class TokenizerSide:
         from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
 
         own = replace(self.settings, processor_workers=0,
-                      shm_cap_bytes=self.settings.shm_cap_bytes // workers)
+                      shm_cap_bytes=self.settings.shm_cap_bytes // workers,
+                      processor_cache_bytes=self.settings.processor_cache_bytes // workers)
         self.pool = ProcessorPool(WorkerSpec(server_args, hf_config, transport_mode, own),
                                   workers)
         logger.info("sglang_mmpre: multimodal processor pool of %d worker process(es)", workers)

@@ -22,13 +22,14 @@ import asyncio
 import logging
 import pickle
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
 from sglang.srt.server_args import set_global_server_args_for_tokenizer
 from sglang.srt.utils.hf_transformers_utils import get_processor
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+from sglang_mmpre.tokenizer_side.processor_cache import CacheBypass, ProcessorCache
 from sglang_mmpre.transport import liveness
 
 __all__ = ["main"]
@@ -76,8 +77,30 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+def _process(loop: Any, mm_processor: Any, cache: Optional[ProcessorCache], job: dict) -> dict:
+    """sglang's processor on ``job``, through the processor cache when there is one."""
+    if cache is None:
+        return loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+    outcome = "failed"
+    try:
+        mm_dict = loop.run_until_complete(
+            mm_processor.process_mm_data_async(**cache.prepare(job)))
+        outcome = "served"
+        return mm_dict
+    except CacheBypass as e:
+        outcome = "bypassed"
+        logger.warning("processor cache bypassed for one request (%s): processing it "
+                       "without the cache", e)
+    finally:
+        cache.finish(outcome)
+    return loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+
+
 def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
     loop = asyncio.new_event_loop()
+    cache = ProcessorCache.install(mm_processor, side.settings.processor_cache_bytes)
+    if cache is not None:
+        logger.info("processor cache of %.0f MiB", cache.capacity / 2**20)
     while True:
         try:
             credit, job = conn.recv()
@@ -85,7 +108,7 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
             return
         side.credit(credit)
         try:
-            mm_dict = loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+            mm_dict = _process(loop, mm_processor, cache, job)
             # what _tokenize_one_request reads of the dict (LLaVA's has no input_ids)
             passed = {k: mm_dict[k] for k in ("input_ids",) if k in mm_dict}
             materialized = side.build(mm_dict)
