@@ -172,6 +172,32 @@ def test_different_images_and_cache_off_equal_sglangs_from_dict(
     _release(got_on, got_off)
 
 
+def test_stale_or_inconsistent_entry_is_not_used_and_the_request_equals_sglangs(
+    worker_side, model_dir, monkeypatch
+):
+    """An entry under the request's key whose image size differs (what a key collision
+    would look like) is not used (a mismatch); one whose rows don't make its grid's
+    patches fails the hit's check, and the job runs again without the cache (a bypass).
+    Either way the request is what sglang builds."""
+    image = _jpeg(w=640, h=480, seed=81)
+    legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
+    tm = worker_side()
+    cache = tm.mm_data_processor.mm_processor.cache
+    first = _scheduled(tm, monkeypatch, None, [image])
+    (entry,) = cache._entries.values()
+    entry.size = (entry.size[0] + 28, entry.size[1])
+    second = _scheduled(tm, monkeypatch, None, [image])
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.mismatches) == (2, 0, 1)
+    (entry,) = cache._entries.values()
+    entry.per_row["pixel_values"] = entry.per_row["pixel_values"][:-4]
+    third = _scheduled(tm, monkeypatch, None, [image])
+    assert (cache.stats.hits, cache.stats.bypasses) == (0, 1)
+    for ids, inputs in (first, second, third):
+        assert ids == legacy[0]
+        assert_equal_inputs(inputs, legacy[1])
+    _release(first, second, third)
+
+
 def test_key_covers_the_image_processors_configuration(model_dir, shm_dir, monkeypatch):
     """The same bytes under another ``min_pixels``/``max_pixels`` (which change the
     grid) get another key; the same configuration the same key."""
@@ -247,3 +273,39 @@ def test_pooled_worker_with_cache_equals_sglangs_from_dict_for_a_repeated_image(
         assert ids == legacy_ids
         assert_equal_inputs(inputs, legacy_inputs)
     _release(got)
+
+
+def test_remembered_digest_of_a_pinned_tensor_finds_its_slot_and_is_forgotten_on_a_write(
+    shm_dir
+):
+    """Note [remembered digests]: the second placement of a pinned feature reuses its slot
+    without hashing; an in-place write makes the next placement hash (and copy) again."""
+    import hashlib
+
+    from mm_fixtures import shm_settings
+    from sglang_mmpre.tokenizer_side.hashing import pin_immutable, remembered_digests
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+    import types
+
+    side = TokenizerSide(types.SimpleNamespace(tp_size=1, pp_size=1),
+                         shm_settings(shm_dir, region_chunk_bytes=16 << 20))
+    try:
+        slots = side.region
+        feature = torch.arange(2048 * 1176, dtype=torch.float32).view(2048, 1176)
+        pin_immutable(feature)
+        first = slots.place(feature)  # a new slot: hashed while copied, and remembered
+        assert first.written > 0
+        assert remembered_digests(feature)[1] == first.digest == hashlib.sha256(
+            feature.numpy().tobytes()).digest()
+        second = slots.place(feature)
+        assert second.slot is first.slot and second.written == 0
+        third = slots.place(feature)
+        assert third.slot is first.slot and third.digest == first.digest
+        feature[0, 0] = -1.0
+        assert remembered_digests(feature) is None
+        fourth = slots.place(feature)
+        assert fourth.slot is not first.slot and fourth.written > 0
+        assert fourth.digest == hashlib.sha256(feature.numpy().tobytes()).digest()
+        slots.adjust([p.slot.ref() for p in (first, second, third, fourth)], -1)
+    finally:
+        side.shutdown()

@@ -26,7 +26,12 @@ How a job goes through it (Note [processor cache]):
    outputs are concatenated in the request's order. That equals the one batched call bit
    for bit, because the Qwen2-VL image processor handles each image on its own
    (``tests/test_processor_cache.py`` checks it).
-3. Every hit is checked: the image's size (read from its header, no decode) must be the
+3. A request of one cached image gets the cached tensor itself as its feature: the slot
+   that holds it is found again by its remembered sha256, with no pass over its bytes
+   (Note [remembered digests] in ``hashing.py``); the item hash and ``pad_value`` are
+   those of the first request. Several images are concatenated, hashed and copied as on
+   a miss.
+4. Every hit is checked: the image's size (read from its header, no decode) must be the
    cached one, and the cached rows must be ``t*h*w`` of the cached grid (so the tokens
    sglang expands match the features). A failed check, or a call the cache can't serve
    (other keyword arguments, videos, an unexpected image list), raises
@@ -52,6 +57,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from sglang_mmpre.tokenizer_side.hashing import pin_immutable
 
 __all__ = ["ProcessorCache", "CacheBypass", "CacheStats", "fingerprint", "media_bytes",
            "LOG_INTERVAL_S"]
@@ -114,6 +121,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     bypasses: int = 0  # jobs run again without the cache (a failed check)
+    mismatches: int = 0  # entries of an equal key but another image size, not used
     entries: int = 0
     bytes_held: int = 0
 
@@ -222,7 +230,10 @@ class ProcessorCache:
                 entry = self._entries.get(key) if key is not None else None
                 if entry is not None:
                     self._entries.move_to_end(key)
-            if entry is not None and entry.size == size:
+            if entry is not None and entry.size != size:
+                with self._lock:
+                    self.stats.mismatches += 1  # processed as a miss, which replaces it
+            elif entry is not None:
                 placeholder = Image.new("RGB", (1, 1))
                 placeholder.info[_KEY_INFO] = key
                 replaced[i] = placeholder
@@ -250,8 +261,9 @@ class ProcessorCache:
     def log(self) -> None:
         s = self.snapshot()
         logger.info("processor cache: %d hits, %d misses, %d evictions, %d bypasses, "
-                    "%d entries, %.1f MiB held of %.1f MiB", s.hits, s.misses, s.evictions,
-                    s.bypasses, s.entries, s.bytes_held / 2**20, self.capacity / 2**20)
+                    "%d mismatches, %d entries, %.1f MiB held of %.1f MiB", s.hits, s.misses,
+                    s.evictions, s.bypasses, s.mismatches, s.entries, s.bytes_held / 2**20,
+                    self.capacity / 2**20)
 
     def snapshot(self) -> CacheStats:
         with self._lock:
@@ -268,7 +280,7 @@ class ProcessorCache:
         call = repr(sorted(kwargs.items()))
         misses = [i for i in range(len(images)) if i not in job.hits]
         for i in job.hits:
-            if i >= len(images) or images[i].info.get(_KEY_INFO) != job.keys[i]:
+            if i >= len(images) or getattr(images[i], "info", {}).get(_KEY_INFO) != job.keys[i]:
                 raise CacheBypass("a placeholder is not where its item was")
         out = self._inner([images[i] for i in misses], *args, **kwargs) if misses else None
         if not job.hits:
@@ -337,6 +349,9 @@ class ProcessorCache:
         if key is None or size is None or entry.nbytes > self.capacity:
             return
         entry.size, entry.call = size, call
+        for v in entry.per_row.values():
+            if isinstance(v, torch.Tensor):
+                pin_immutable(v)  # Note [remembered digests]: a hit's slot needs no rehash
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
