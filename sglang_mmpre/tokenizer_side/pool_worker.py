@@ -136,7 +136,8 @@ def main(conn: Any, spec: Any, index: int) -> None:
     except ImportError:  # pragma: no cover - sglang depends on it
         pass
     logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s")
+                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s",
+                        force=True)  # the imports may have configured the root logger
     try:
         mm_processor, side = _build(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which goes on without

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import logging
 import threading
 import time
@@ -66,7 +67,7 @@ __all__ = ["ProcessorCache", "CacheBypass", "CacheStats", "fingerprint", "media_
 logger = logging.getLogger(__name__)
 
 #: Seconds between two metric lines in the server log (written after a job, when due).
-LOG_INTERVAL_S = 60.0
+LOG_INTERVAL_S = float(os.environ.get("SGLANG_MM_PROCESSOR_CACHE_LOG_S", "60"))
 
 _KEY_INFO = "sglang_mmpre_processor_cache_key"
 _FILE_SUFFIXES = ("png", "jpg", "jpeg", "webp", "gif")
