@@ -309,3 +309,23 @@ def test_remembered_digest_of_a_pinned_tensor_finds_its_slot_and_is_forgotten_on
         slots.adjust([p.slot.ref() for p in (first, second, third, fourth)], -1)
     finally:
         side.shutdown()
+
+
+def test_media_bytes_are_what_sglangs_load_image_decodes(tmp_path):
+    """The key's bytes for each form sglang 0.5.5's ``load_image`` accepts; a URL (sglang
+    fetches it) and a PIL image have none and go through uncached."""
+    from PIL import Image
+    from sglang.srt.utils.common import ImageData
+
+    from sglang_mmpre.tokenizer_side.processor_cache import media_bytes
+
+    data = _jpeg(w=64, h=48, seed=91)
+    b64 = base64.b64encode(data).decode()
+    path = tmp_path / "picture.jpg"
+    path.write_bytes(data)
+    for item in (data, b64, "data:image/jpeg;base64," + b64, str(path),
+                 ImageData(url="data:image/png;base64," + b64)):
+        assert media_bytes(item) == data
+    assert media_bytes("http://127.0.0.1:1/picture.jpg") is None
+    assert media_bytes(Image.new("RGB", (4, 4))) is None
+    assert media_bytes("not base64!") is None
