@@ -31,6 +31,11 @@ variable                              default     meaning
                                                   repeated images, split across its processor
                                                   workers (``tokenizer_side/
                                                   processor_cache.py``); ``0`` turns it off.
+``SGLANG_MM_PREPROCESSING_DEVICE``    ``auto``    where a fast (torchvision) image processor
+                                                  runs: ``cpu``, ``cuda`` or ``auto`` (``cpu``
+                                                  on a ``--device cpu`` server, else sglang's
+                                                  own choice). Note [preprocessing device] in
+                                                  ``tokenizer_side/preprocessing_device.py``.
 ====================================  ==========  ===========================================
 """
 
@@ -72,6 +77,7 @@ class Settings:
     dedup: bool = True
     processor_workers: int = 0
     processor_cache_bytes: int = 0
+    preprocessing_device: str = "auto"
 
 
 def _default_cap(shm_dir: str) -> int:
@@ -118,7 +124,15 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
                                              str(default_processor_workers())))),
         processor_cache_bytes=max(0, int(env.get("SGLANG_MM_PROCESSOR_CACHE_BYTES",
                                                  str(DEFAULT_PROCESSOR_CACHE_BYTES)))),
+        preprocessing_device=_preprocessing_device(env),
     )
+
+
+def _preprocessing_device(env: Any) -> str:
+    value = env.get("SGLANG_MM_PREPROCESSING_DEVICE", "auto").strip().lower()
+    if value not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"SGLANG_MM_PREPROCESSING_DEVICE={value!r}: use auto, cpu or cuda")
+    return value
 
 
 def consumers_per_send(server_args: Any) -> int:

@@ -155,19 +155,27 @@ def test_killed_worker_fails_only_its_request_and_is_replaced_without_leaks(pool
     assert not [n for n in left if n.startswith(f"sglmmpre_{victim}_")], left
 
 
-def test_fast_image_processor_on_the_gpu_keeps_the_processor_in_the_tokenizer(
-    model_dir, shm_dir, monkeypatch
-):
-    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+def test_fast_image_processor_on_a_cpu_server_takes_the_pool(model_dir, shm_dir, monkeypatch):
+    """sglang's default fast image processor used to keep today's path (the processor on
+    the loop). With SGLANG_MM_PREPROCESSING_DEVICE at auto, a CPU server runs it in the
+    pool's workers, on the CPU (tests/test_preprocessing_device.py: bitwise what the same
+    HF processor gives in process). On a GPU server auto keeps today's path."""
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
 
     monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
-    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "2")
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
     monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(8 << 20))
+    monkeypatch.delenv("SGLANG_MM_PREPROCESSING_DEVICE", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
     tm = make_tokenizer_manager(model_dir, disable_fast_image_processor=False)
     try:
-        assert tm.mmpre.pool is None
-        assert tm.mm_data_processor.mm_processor is tm.mm_processor
-        assert tm.mmpre.region is not None, "today's path materializes in the tokenizer"
+        assert tm.mmpre.pool is not None
+        assert isinstance(tm.mm_data_processor.mm_processor, PooledProcessor)
+        assert tm.mmpre.region is None, "the pool's parent should allocate no region"
+        req = asyncio.run(tokenize_one(tm, image_data=[_jpeg(seed=7)]))
+        region = req.materialized_mm_inputs.segment
+        assert int(OWNED_NAME_RE.match(region.name).group(2)) in _worker_pids(tm)
+        tm.mmpre.release_unsent(req)
     finally:
         close_tokenizer_manager(tm)
     assert os.listdir(shm_dir) == []

@@ -136,14 +136,19 @@ class TokenizerSide:
         workers = self.settings.processor_workers
         if not self.settings.enabled or workers <= 0:
             return data_processor
-        reason = self._no_shm_reason or pool_unsupported_reason(data_processor.mm_processor,
-                                                                server_args)
+        reason = self._no_shm_reason or pool_unsupported_reason(
+            data_processor.mm_processor, server_args, self.settings.preprocessing_device)
         if reason is not None:
             logger.info("sglang_mmpre: no processor pool for this model: %s.", reason)
             self._start_region()
             return data_processor
         from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
 
+        from sglang_mmpre.tokenizer_side.preprocessing_device import run_fast_processor_on
+
+        # A job the pool can't take runs here, on the workers' device.
+        run_fast_processor_on(data_processor.mm_processor, server_args,
+                              self.settings.preprocessing_device)
         own = replace(self.settings, processor_workers=0,
                       shm_cap_bytes=self.settings.shm_cap_bytes // workers,
                       processor_cache_bytes=self.settings.processor_cache_bytes // workers)

@@ -119,25 +119,23 @@ class PooledResult(dict):
         self.materialized = materialized
 
 
-def pool_unsupported_reason(mm_processor: Any, server_args: Any) -> Optional[str]:
+def pool_unsupported_reason(mm_processor: Any, server_args: Any,
+                            preprocessing_device: str = "auto") -> Optional[str]:
     """Why requests for this model keep today's path (the processor on the loop), or None.
 
-    - the processor runs on a GPU: sglang 0.5.5 passes ``device="cuda"`` to a fast image
-      processor unless ``--disable-fast-image-processor``; or features stay on the device
-      (``--keep-mm-feature-on-device``, ``SGLANG_USE_CUDA_IPC_TRANSPORT``);
+    - a fast image processor that runs on an accelerator without
+      ``SGLANG_MM_PREPROCESSING_DEVICE=cuda`` (``preprocessing_device.gpu_processor_reason``;
+      on ``cpu``, and on a CPU server, the workers run it on the CPU); or features stay on
+      the device (``--keep-mm-feature-on-device``, ``SGLANG_USE_CUDA_IPC_TRANSPORT``);
     - the processor has no ``process_mm_data_async`` coroutine.
     """
     from sglang.srt.utils import get_bool_env_var
 
-    image_processor = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
-    try:
-        from transformers.image_processing_utils_fast import BaseImageProcessorFast
-    except ImportError:  # pragma: no cover - transformers without fast processors
-        BaseImageProcessorFast = ()
-    if isinstance(image_processor, BaseImageProcessorFast) and not getattr(
-        server_args, "disable_fast_image_processor", False
-    ):
-        return "its fast image processor runs on the GPU (--disable-fast-image-processor: in the pool)"
+    from sglang_mmpre.tokenizer_side.preprocessing_device import gpu_processor_reason
+
+    reason = gpu_processor_reason(mm_processor, server_args, preprocessing_device)
+    if reason is not None:
+        return reason
     if getattr(server_args, "keep_mm_feature_on_device", False) or get_bool_env_var(
         "SGLANG_USE_CUDA_IPC_TRANSPORT"
     ):
@@ -227,9 +225,12 @@ class _Worker:
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
         from sglang_mmpre.tokenizer_side.pool_worker import main
+        from sglang_mmpre.tokenizer_side.preprocessing_device import worker_start_method
 
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([main.__module__])
+        method = worker_start_method(self.pool.spec.settings.preprocessing_device)
+        ctx = multiprocessing.get_context(method)  # spawn: Note [preprocessing device]
+        if method == "forkserver":
+            ctx.set_forkserver_preload([main.__module__])
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)

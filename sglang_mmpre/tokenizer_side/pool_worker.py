@@ -2,7 +2,8 @@
 
 Started by ``pool.ProcessorPool`` from a forkserver that imported this module (so sglang,
 torch, transformers and sglang's processor modules are loaded once, and a replacement
-starts in about a second); see Note [processor pool] in ``pool.py``. The pipe to the
+starts in about a second), or spawned where it may use CUDA (Note [preprocessing device]
+in ``preprocessing_device.py``); see Note [processor pool] in ``pool.py``. The pipe to the
 parent carries, one at a time::
 
     parent -> worker   (credit, job)         credit: segment bytes the parent released
@@ -30,13 +31,14 @@ from sglang.srt.utils.hf_transformers_utils import get_processor
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
 from sglang_mmpre.tokenizer_side.processor_cache import CacheBypass, ProcessorCache
+from sglang_mmpre.tokenizer_side.preprocessing_device import run_fast_processor_on
 from sglang_mmpre.transport import liveness
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-import_processors("sglang.srt.multimodal.processors")  # once, in the forkserver
+import_processors("sglang.srt.multimodal.processors")  # once per forkserver (or spawned worker)
 
 
 def _load_processor(server_args: Any) -> Any:
@@ -58,6 +60,9 @@ def _build(spec: Any) -> tuple[Any, Any]:
     set_global_server_args_for_tokenizer(spec.server_args)
     mm_processor = get_mm_processor(spec.hf_config, spec.server_args,
                                     _load_processor(spec.server_args), spec.transport_mode)
+    # A fast image processor runs where SGLANG_MM_PREPROCESSING_DEVICE says, through
+    # sglang's own process_mm_data (Note [preprocessing device]).
+    run_fast_processor_on(mm_processor, spec.server_args, spec.settings.preprocessing_device)
     # sglang's LLaVA processor sends each image to its own process pool (fork, one process
     # per core; a daemonic worker may not start them): here it runs in the worker itself.
     if isinstance(getattr(mm_processor, "cpu_executor", None), ProcessPoolExecutor):

@@ -332,8 +332,9 @@ class ProcessorCache:
             per_image, per_row = {}, {}
             for name in names:
                 v = out[name]
-                if not hasattr(v, "shape") or not len(v.shape):
-                    return None
+                if not hasattr(v, "shape") or not len(v.shape) \
+                        or (isinstance(v, torch.Tensor) and v.device.type != "cpu"):
+                    return None  # (features made on a GPU are not kept)
                 if name == "image_grid_thw" or (v.shape[0] == n and n != total):
                     per_image[name] = _own(v[j:j + 1])
                 elif v.shape[0] == total:

@@ -89,6 +89,21 @@ CPU_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+#: Flags of a GPU server (``ServerConfig(device="cuda")``, ``scripts/gpu_check.sh``): sglang's
+#: defaults (the fast image processor on cuda included) but for what the tiny served model
+#: needs: head size 16 (text) and 16 (vision), which the Triton and SDPA kernels take; no
+#: CUDA graphs (the check runs a few hundred requests, capture would cost more than it
+#: saves); a small static memory fraction, as the model is 14 MB.
+GPU_FLAGS = (
+    "--attention-backend", "triton",
+    "--mm-attention-backend", "sdpa",
+    "--disable-cuda-graph",
+    "--skip-server-warmup",
+    "--mem-fraction-static", "0.3",
+    "--max-total-tokens", "65536",
+    "--host", "127.0.0.1",
+)
+
 READY_TIMEOUT_S = 240.0
 _DRAINED = "Gracefully exiting... Remaining number of requests 0."
 _UVICORN_DONE = "Application shutdown complete."
@@ -222,6 +237,12 @@ class ServerConfig:
     tp: int = 2
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    #: ``cpu``: the CPU flags, environment and import stand-ins (README, "Reproducing the
+    #: real-server run on CPU"); ``cuda``: a GPU server with sglang's real GPU modules.
+    device: str = "cpu"
+    #: Keep sglang's default fast image processor (on a CPU server: without
+    #: ``--disable-fast-image-processor``).
+    fast_image_processor: bool = False
 
 
 @dataclass
@@ -249,12 +270,16 @@ class RealServer:
             self.shm_dir = Path(tempfile.mkdtemp(prefix="sglang_mmpre_server_", dir=base))
             self._own_shm_dir = True
         site = sglang_site(self.config.scheme, self.workdir.parent)
-        path = [str(BOOT_DIR)] + ([str(site)] if site else []) + [str(REPO_ROOT)]
+        boot = [str(BOOT_DIR)] if self.config.device == "cpu" else []
+        path = boot + ([str(site)] if site else []) + [str(REPO_ROOT)]
         # The scheme's own settings only (the test session pins the pool size for
         # in-process tests: tests/conftest.py).
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "SGLANG_MM_PROCESSOR_WORKERS")}
-        env.update(CPU_ENV, SGLANG_CPU_OMP_THREADS_BIND=omp_threads_bind(self.config.tp))
+        if self.config.device == "cpu":
+            env.update(CPU_ENV, SGLANG_CPU_OMP_THREADS_BIND=omp_threads_bind(self.config.tp))
+        else:
+            env.update(PYTHONUNBUFFERED="1")
         env.update(PYTHONPATH=os.pathsep.join(path), SGLANG_MM_SHM_DIR=str(self.shm_dir))
         env.update(dict(self.config.env))
         self.port = _free_port()
@@ -263,7 +288,7 @@ class RealServer:
             sys.executable, "-m", "sglang.launch_server",
             "--model-path", str(self.model_dir),
             "--port", str(self.port),
-            *CPU_FLAGS,
+            *self._flags(),
         ]
         if self.config.tp > 1:
             args += ["--tp", str(self.config.tp), "--disable-custom-all-reduce"]
@@ -276,6 +301,14 @@ class RealServer:
             )
         self._wait_ready()
         return self
+
+    def _flags(self) -> tuple[str, ...]:
+        if self.config.device not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.config.device!r}: cpu or cuda")
+        flags = CPU_FLAGS if self.config.device == "cpu" else GPU_FLAGS
+        if self.config.fast_image_processor:
+            flags = tuple(f for f in flags if f != "--disable-fast-image-processor")
+        return flags
 
     @property
     def url(self) -> str:
