@@ -26,6 +26,11 @@ variable                              default     meaning
                                                   (``tokenizer_side/pool.py``); ``0``: the
                                                   processor runs on the event loop, as in
                                                   sglang 0.5.5.
+``SGLANG_MM_PROCESSOR_CACHE_BYTES``   1 GiB       bytes of image processor outputs each
+                                                  TokenizerManager process keeps for
+                                                  repeated images, split across its processor
+                                                  workers (``tokenizer_side/
+                                                  processor_cache.py``); ``0`` turns it off.
 ``SGLANG_MM_PREPROCESSING_DEVICE``    ``auto``    where a fast (torchvision) image processor
                                                   runs: ``cpu``, ``cuda`` or ``auto`` (``cpu``
                                                   on a ``--device cpu`` server, else sglang's
@@ -48,11 +53,15 @@ __all__ = [
     "shm_unusable_reason",
     "shm_dir",
     "DEFAULT_REGION_CHUNK_BYTES",
+    "DEFAULT_PROCESSOR_CACHE_BYTES",
     "default_processor_workers",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
 DEFAULT_REGION_CHUNK_BYTES = 256 << 20
+#: ``SGLANG_MM_PROCESSOR_CACHE_BYTES`` by default: per TokenizerManager process, split
+#: across its processor workers (``tokenizer_side/processor_cache.py``).
+DEFAULT_PROCESSOR_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Settings:
     region_chunk_bytes: int = 0
     dedup: bool = True
     processor_workers: int = 0
+    processor_cache_bytes: int = 0
     preprocessing_device: str = "auto"
 
 
@@ -113,6 +123,8 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
         dedup=env.get("SGLANG_MM_SHM_DEDUP", "1").strip().lower() in _TRUE,
         processor_workers=max(0, int(env.get("SGLANG_MM_PROCESSOR_WORKERS",
                                              str(default_processor_workers())))),
+        processor_cache_bytes=max(0, int(env.get("SGLANG_MM_PROCESSOR_CACHE_BYTES",
+                                                 str(DEFAULT_PROCESSOR_CACHE_BYTES)))),
         preprocessing_device=_preprocessing_device(env),
     )
 

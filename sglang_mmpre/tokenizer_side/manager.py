@@ -156,7 +156,8 @@ class TokenizerSide:
         run_fast_processor_on(data_processor.mm_processor, server_args,
                               self.settings.preprocessing_device)
         own = replace(self.settings, processor_workers=0,
-                      shm_cap_bytes=self.settings.shm_cap_bytes // workers)
+                      shm_cap_bytes=self.settings.shm_cap_bytes // workers,
+                      processor_cache_bytes=self.settings.processor_cache_bytes // workers)
         self.pool = ProcessorPool(WorkerSpec(server_args, hf_config, transport_mode, own),
                                   workers)
         logger.info("sglang_mmpre: multimodal processor pool of %d worker process(es)", workers)

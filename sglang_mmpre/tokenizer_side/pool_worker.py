@@ -31,13 +31,14 @@ import logging
 import pickle
 import signal
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
 from sglang.srt.server_args import set_global_server_args_for_tokenizer
 from sglang.srt.utils.hf_transformers_utils import get_processor
 
 from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+from sglang_mmpre.tokenizer_side.processor_cache import CacheBypass, ProcessorCache
 from sglang_mmpre.tokenizer_side.preprocessing_device import run_fast_processor_on
 from sglang_mmpre.transport import liveness
 
@@ -89,9 +90,31 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+def _process(loop: Any, mm_processor: Any, cache: Optional[ProcessorCache], job: dict) -> dict:
+    """sglang's processor on ``job``, through the processor cache when there is one."""
+    if cache is None:
+        return loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+    outcome = "failed"
+    try:
+        mm_dict = loop.run_until_complete(
+            mm_processor.process_mm_data_async(**cache.prepare(job)))
+        outcome = "served"
+        return mm_dict
+    except CacheBypass as e:
+        outcome = "bypassed"
+        logger.warning("processor cache bypassed for one request (%s): processing it "
+                       "without the cache", e)
+    finally:
+        cache.finish(outcome)
+    return loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+
+
 def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
     loop = asyncio.new_event_loop()
     pending = None  # the creator reference of the last reply, until the parent's next word
+    cache = ProcessorCache.install(mm_processor, side.settings.processor_cache_bytes)
+    if cache is not None:
+        logger.info("processor cache of %.0f MiB", cache.capacity / 2**20)
     while True:
         try:
             message = conn.recv()
@@ -108,7 +131,7 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
         _, credit, job = message
         side.credit(credit)
         try:
-            mm_dict = loop.run_until_complete(mm_processor.process_mm_data_async(**job))
+            mm_dict = _process(loop, mm_processor, cache, job)
             # what _tokenize_one_request reads of the dict (LLaVA's has no input_ids)
             passed = {k: mm_dict[k] for k in ("input_ids",) if k in mm_dict}
             materialized = side.build(mm_dict)
@@ -137,7 +160,8 @@ def main(conn: Any, spec: Any, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s")
+                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s",
+                        force=True)  # the imports may have configured the root logger
     try:
         mm_processor, side = _build(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which goes on without

@@ -121,12 +121,42 @@ def case_batch_two_prompts(url: str) -> Any:
     return generate(url, body)
 
 
+def case_repeated_image_other_text(url: str) -> Any:
+    """The image of ``case_one_image`` again, in another prompt (a processor cache hit
+    when the same worker serves both)."""
+    body = gen_body(1, seed=1)
+    body["text"] = "Once more, in short: " + IMAGE_PLACEHOLDER + " what is it?"
+    return generate(url, body)
+
+
+def case_chat_four_turns_resending_images(url: str) -> Any:
+    """A 4-turn chat through /v1/chat/completions that re-sends every earlier image, as
+    chat clients do; each turn's answer goes into the next turn's history."""
+    messages: list = []
+    answers = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image(20 + turn, 448, 448)}},
+            {"type": "text", "text": f"Turn {turn}: and this one?"},
+        ]})
+        body = {"model": "default", "messages": messages, "temperature": 0,
+                "max_tokens": MAX_NEW, "logprobs": True, "top_logprobs": 2}
+        r = post(url, "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        answers.append([(t["token"], t["logprob"]) for t in choice["logprobs"]["content"]])
+        messages.append({"role": "assistant", "content": choice["message"]["content"]})
+    return answers
+
+
 SEQUENTIAL_CASES: dict[str, Callable[[str], Any]] = {
     "one_1120x700_image": case_one_image,
     "two_images_one_prompt": case_two_images,
     "chat_completions_data_url": case_chat_data_url,
     "parallel_sampling_n3": case_parallel_n3,
     "batch_of_two_prompts": case_batch_two_prompts,
+    "repeated_image_other_text": case_repeated_image_other_text,
+    "chat_four_turns_resending_images": case_chat_four_turns_resending_images,
 }
 
 

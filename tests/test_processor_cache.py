@@ -1,0 +1,331 @@
+"""The processor cache (``tokenizer_side/processor_cache.py``) on sglang 0.5.5's real
+Qwen2-VL processor and real, patched TokenizerManager.
+
+The cache serves a repeated image from the outputs of its first processing; what a
+request gets must be what sglang's unpatched path gives (``MultimodalInputs.from_dict``
+of its raw dict), hit or miss, and only equal bytes under an equal configuration may hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+
+import pytest
+import torch
+
+from sglang_mmpre.scheduler_side import region_cache
+from sglang_mmpre.tokenizer_side import pool_worker
+from sglang_mmpre.tokenizer_side.processor_cache import ProcessorCache, fingerprint
+
+from test_materialize_equivalence import assert_equal_inputs
+from test_patched_request_path import _jpeg, model_dir  # noqa: F401 - fixture
+from test_processor_pool import pooled  # noqa: F401 - fixture
+from test_region_request_path import _Socket
+from scheduler_harness import schedule_one
+
+
+def _legacy_inputs(model_dir, monkeypatch, text, images):
+    """What sglang 0.5.5's unpatched path builds on a scheduler rank for this request."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    monkeypatch.setenv("SGLANG_MM_PREMATERIALIZE", "0")
+    tm = make_tokenizer_manager(model_dir)
+    try:
+        req = asyncio.run(tokenize_one(tm, text, image_data=list(images)))
+    finally:
+        close_tokenizer_manager(tm)
+        monkeypatch.delenv("SGLANG_MM_PREMATERIALIZE")
+    return list(req.input_ids), MultimodalInputs.from_dict(req.mm_inputs)
+
+
+class _InWorker:
+    """sglang's processor of this process run as a pool worker runs it
+    (``pool_worker._process``: the cache's prepare, sglang's processor on its own event
+    loop, off the caller's loop), without the pipe, so that the test can read the
+    cache's counters."""
+
+    def __init__(self, mm_processor, capacity: int) -> None:
+        self.local = mm_processor
+        self.cache = ProcessorCache.install(mm_processor, capacity) if capacity else None
+
+    async def process_mm_data_async(self, **job):
+        def run():
+            loop = asyncio.new_event_loop()
+            try:
+                return pool_worker._process(loop, self.local, self.cache, job)
+            finally:
+                loop.close()
+
+        return await asyncio.to_thread(run)
+
+
+@pytest.fixture
+def worker_side(model_dir, shm_dir, monkeypatch):
+    """A patched TokenizerManager (no pool) whose processor runs as a worker runs it,
+    with a cache of 1 GiB; ``make(capacity)`` builds another."""
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "0")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(64 << 20))
+    made = []
+
+    def make(capacity: int = 1 << 30):
+        tm = make_tokenizer_manager(model_dir)
+        made.append(tm)
+        from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
+
+        worker = _InWorker(tm.mm_data_processor.mm_processor, capacity)
+        tm.mm_data_processor = AsyncMMDataProcessor(  # as TokenizerSide.processor_pool does
+            worker, max_concurrent_calls=tm.server_args.mm_max_concurrent_calls,
+            timeout_s=tm.server_args.mm_per_request_timeout)
+        return tm
+
+    yield make
+    for tm in made:
+        close_tokenizer_manager(tm)
+
+
+def _scheduled(tm, monkeypatch, text, images):
+    """Input ids and the ``MultimodalInputs`` a patched scheduler rank builds from the
+    request ``tm`` sends (the request scope closed, as after ``generate_request``)."""
+    from tiny_models import tokenize_one
+
+    socket = _Socket()
+
+    async def go():
+        with tm.mmpre.request_scope():
+            req = await tokenize_one(tm, text, image_data=list(images))
+            tm.mmpre.send(socket, req)
+            return list(req.input_ids)
+
+    input_ids = asyncio.run(go())
+    built = schedule_one(monkeypatch, socket.sent[0])
+    inputs = built.multimodal_inputs
+    del built
+    return input_ids, inputs
+
+
+def _release(*inputs) -> None:
+    del inputs
+    gc.collect()
+    region_cache.flush()
+
+
+def test_same_image_in_two_prompts_hits_and_equals_sglangs_from_dict(
+    worker_side, model_dir, monkeypatch
+):
+    image = _jpeg(seed=21)
+    texts = ["Describe: <|vision_start|><|image_pad|><|vision_end|>",
+             "What is in <|vision_start|><|image_pad|><|vision_end|> this picture, briefly?"]
+    legacy = [_legacy_inputs(model_dir, monkeypatch, t, [image]) for t in texts]
+    tm = worker_side()
+    cache = tm.mm_data_processor.mm_processor.cache
+    got = [_scheduled(tm, monkeypatch, t, [image]) for t in texts]
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bypasses) == (1, 1, 0)
+    for (ids, inputs), (legacy_ids, legacy_inputs) in zip(got, legacy):
+        assert ids == legacy_ids
+        assert_equal_inputs(inputs, legacy_inputs)
+    assert len(got[0][0]) != len(got[1][0])
+    _release(got)
+
+
+def test_repeated_images_among_new_ones_hit_per_image_and_equal_sglangs_from_dict(
+    worker_side, model_dir, monkeypatch
+):
+    """A chat's second turn: its first image again, plus a new one, in a data URL and as
+    a base64 string (one item, two encodings of the same bytes: one key)."""
+    a, b = _jpeg(seed=31), _jpeg(w=640, h=480, seed=32)
+    as_url = "data:image/jpeg;base64," + base64.b64encode(a).decode()
+    turn2 = [as_url, b]
+    text2 = "One <|vision_start|><|image_pad|><|vision_end|> two " \
+            "<|vision_start|><|image_pad|><|vision_end|>"
+    legacy = _legacy_inputs(model_dir, monkeypatch, text2, turn2)
+    tm = worker_side()
+    cache = tm.mm_data_processor.mm_processor.cache
+    first = _scheduled(tm, monkeypatch, None, [base64.b64encode(a).decode()])
+    ids, inputs = _scheduled(tm, monkeypatch, text2, turn2)
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bypasses) == (2, 1, 0)
+    assert ids == legacy[0]
+    assert_equal_inputs(inputs, legacy[1])
+    _release(first, inputs)
+
+
+def test_different_images_and_cache_off_equal_sglangs_from_dict(
+    worker_side, model_dir, monkeypatch
+):
+    images = [_jpeg(seed=41), _jpeg(seed=42)]
+    legacy = [_legacy_inputs(model_dir, monkeypatch, None, [im]) for im in images]
+    on, off = worker_side(), worker_side(capacity=0)
+    assert off.mm_data_processor.mm_processor.cache is None
+    got_on = [_scheduled(on, monkeypatch, None, [im]) for im in images]
+    got_off = [_scheduled(off, monkeypatch, None, [im]) for im in images]
+    stats = on.mm_data_processor.mm_processor.cache.stats
+    assert (stats.misses, stats.hits) == (2, 0)
+    for got in (got_on, got_off):
+        for (ids, inputs), (legacy_ids, legacy_inputs) in zip(got, legacy):
+            assert ids == legacy_ids
+            assert_equal_inputs(inputs, legacy_inputs)
+    _release(got_on, got_off)
+
+
+def test_stale_or_inconsistent_entry_is_not_used_and_the_request_equals_sglangs(
+    worker_side, model_dir, monkeypatch
+):
+    """An entry under the request's key whose image size differs (what a key collision
+    would look like) is not used (a mismatch); one whose rows don't make its grid's
+    patches fails the hit's check, and the job runs again without the cache (a bypass).
+    Either way the request is what sglang builds."""
+    image = _jpeg(w=640, h=480, seed=81)
+    legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
+    tm = worker_side()
+    cache = tm.mm_data_processor.mm_processor.cache
+    first = _scheduled(tm, monkeypatch, None, [image])
+    (entry,) = cache._entries.values()
+    entry.size = (entry.size[0] + 28, entry.size[1])
+    second = _scheduled(tm, monkeypatch, None, [image])
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.mismatches) == (2, 0, 1)
+    (entry,) = cache._entries.values()
+    entry.per_row["pixel_values"] = entry.per_row["pixel_values"][:-4]
+    third = _scheduled(tm, monkeypatch, None, [image])
+    assert (cache.stats.hits, cache.stats.bypasses) == (0, 1)
+    for ids, inputs in (first, second, third):
+        assert ids == legacy[0]
+        assert_equal_inputs(inputs, legacy[1])
+    _release(first, second, third)
+
+
+def test_key_covers_the_image_processors_configuration(model_dir, shm_dir, monkeypatch):
+    """The same bytes under another ``min_pixels``/``max_pixels`` (which change the
+    grid) get another key; the same configuration the same key."""
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "0")
+    tm = make_tokenizer_manager(model_dir)
+    try:
+        processor = tm.mm_data_processor.mm_processor
+        data = _jpeg(seed=51)
+        base = ProcessorCache(1 << 20, fingerprint(processor))
+        same = ProcessorCache(1 << 20, fingerprint(processor))
+        processor._processor.image_processor.max_pixels = 256 * 28 * 28
+        fewer = ProcessorCache(1 << 20, fingerprint(processor))
+        processor._processor.image_processor.min_pixels = 8 * 28 * 28
+        other = ProcessorCache(1 << 20, fingerprint(processor))
+        assert base.key(data) == same.key(data)
+        assert len({base.key(data), fewer.key(data), other.key(data)}) == 3
+        assert base.key(data) != base.key(data + b"\0")
+        assert len(base.key(data)) == 32
+    finally:
+        close_tokenizer_manager(tm)
+
+
+@pytest.mark.parametrize("use_fast", [False, True])
+def test_image_processor_per_image_calls_concatenated_equal_one_batched_call(model_dir, use_fast):
+    """What the hit path relies on: Qwen2-VL's image processor treats each image on its
+    own, so its outputs for images taken one at a time, concatenated, are its output for
+    the batch, bit for bit."""
+    from sglang.srt.multimodal.processors.qwen_vl import resize_image
+    from tiny_models import make_image
+    from transformers import AutoImageProcessor
+
+    ip = AutoImageProcessor.from_pretrained(str(model_dir), use_fast=use_fast)
+    images = [resize_image(make_image(w, h, seed=i))
+              for i, (w, h) in enumerate([(1120, 700), (640, 480), (333, 517)])]
+    batched = ip(images=images, return_tensors="pt")
+    single = [ip(images=[im], return_tensors="pt") for im in images]
+    for name in ("pixel_values", "image_grid_thw"):
+        assert torch.equal(torch.cat([s[name] for s in single]), batched[name]), name
+
+
+def test_eviction_keeps_the_cache_within_its_bytes(worker_side, model_dir, monkeypatch):
+    tm = worker_side(capacity=1)  # smaller than any entry: nothing is kept
+    cache = tm.mm_data_processor.mm_processor.cache
+    image = _jpeg(w=320, h=240, seed=61)
+    got = [_scheduled(tm, monkeypatch, None, [image]) for _ in range(2)]
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bytes_held) == (2, 0, 0)
+    one = cache.snapshot()
+    big = worker_side(capacity=1 << 30)
+    _scheduled(big, monkeypatch, None, [image])
+    entry_bytes = big.mm_data_processor.mm_processor.cache.stats.bytes_held
+    assert entry_bytes > 0 and one.entries == 0
+    two = worker_side(capacity=entry_bytes * 3 // 2)  # room for one 320x240 entry
+    c2 = two.mm_data_processor.mm_processor.cache
+    for seed in (62, 63, 62):
+        _scheduled(two, monkeypatch, None, [_jpeg(w=320, h=240, seed=seed)])
+    assert (c2.stats.misses, c2.stats.hits, c2.stats.evictions) == (3, 0, 2)
+    assert c2.stats.bytes_held <= c2.capacity
+    _release(got)
+
+
+def test_pooled_worker_with_cache_equals_sglangs_from_dict_for_a_repeated_image(
+    pooled, model_dir, monkeypatch
+):
+    """The same through a real pool worker (the cache is on by default)."""
+    image = _jpeg(seed=71)
+    texts = [None, "Again: <|vision_start|><|image_pad|><|vision_end|> in short"]
+    legacy = [_legacy_inputs(model_dir, monkeypatch, t, [image]) for t in texts]
+    got = [_scheduled(pooled, monkeypatch, t, [image]) for t in texts]
+    for (ids, inputs), (legacy_ids, legacy_inputs) in zip(got, legacy):
+        assert ids == legacy_ids
+        assert_equal_inputs(inputs, legacy_inputs)
+    _release(got)
+
+
+def test_remembered_digest_of_a_pinned_tensor_finds_its_slot_and_is_forgotten_on_a_write(
+    shm_dir
+):
+    """Note [remembered digests]: the second placement of a pinned feature reuses its slot
+    without hashing; an in-place write makes the next placement hash (and copy) again."""
+    import hashlib
+
+    from mm_fixtures import shm_settings
+    from sglang_mmpre.tokenizer_side.hashing import pin_immutable, remembered_digests
+    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+    import types
+
+    side = TokenizerSide(types.SimpleNamespace(tp_size=1, pp_size=1),
+                         shm_settings(shm_dir, region_chunk_bytes=16 << 20))
+    try:
+        slots = side.region
+        feature = torch.arange(2048 * 1176, dtype=torch.float32).view(2048, 1176)
+        pin_immutable(feature)
+        first = slots.place(feature)  # a new slot: hashed while copied, and remembered
+        assert first.written > 0
+        assert remembered_digests(feature)[1] == first.digest == hashlib.sha256(
+            feature.numpy().tobytes()).digest()
+        second = slots.place(feature)
+        assert second.slot is first.slot and second.written == 0
+        third = slots.place(feature)
+        assert third.slot is first.slot and third.digest == first.digest
+        feature[0, 0] = -1.0
+        assert remembered_digests(feature) is None
+        fourth = slots.place(feature)
+        assert fourth.slot is not first.slot and fourth.written > 0
+        assert fourth.digest == hashlib.sha256(feature.numpy().tobytes()).digest()
+        slots.adjust([p.slot.ref() for p in (first, second, third, fourth)], -1)
+    finally:
+        side.shutdown()
+
+
+def test_media_bytes_are_what_sglangs_load_image_decodes(tmp_path):
+    """The key's bytes for each form sglang 0.5.5's ``load_image`` accepts; a URL (sglang
+    fetches it) and a PIL image have none and go through uncached."""
+    from PIL import Image
+    from sglang.srt.utils.common import ImageData
+
+    from sglang_mmpre.tokenizer_side.processor_cache import media_bytes
+
+    data = _jpeg(w=64, h=48, seed=91)
+    b64 = base64.b64encode(data).decode()
+    path = tmp_path / "picture.jpg"
+    path.write_bytes(data)
+    for item in (data, b64, "data:image/jpeg;base64," + b64, str(path),
+                 ImageData(url="data:image/png;base64," + b64)):
+        assert media_bytes(item) == data
+    assert media_bytes("http://127.0.0.1:1/picture.jpg") is None
+    assert media_bytes(Image.new("RGB", (4, 4))) is None
+    assert media_bytes("not base64!") is None
