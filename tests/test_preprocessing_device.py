@@ -32,7 +32,6 @@ from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 
 from scheduler_harness import schedule_one
 from test_patched_request_path import _jpeg, model_dir  # noqa: F401 - fixture
-from test_region_request_path import _Socket
 
 BOOT_DIR = Path(__file__).resolve().parent / "support" / "server_boot"
 
@@ -160,7 +159,7 @@ def _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, device: st
     """One request through the pool of ``tm`` gives, on the scheduler side, bitwise the
     tensors of the HF fast processor called in this process on ``device``."""
     from transformers.image_processing_utils_fast import BaseImageProcessorFast
-    from tiny_models import IMAGE_PLACEHOLDER, tokenize_one
+    from tiny_models import IMAGE_PLACEHOLDER, tokenize_and_send
 
     assert isinstance(tm.processor.image_processor, BaseImageProcessorFast)
     assert isinstance(tm.mm_data_processor.mm_processor, PooledProcessor)
@@ -168,14 +167,7 @@ def _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, device: st
     jpeg = _jpeg(seed=23)
     text = "Describe: " + IMAGE_PLACEHOLDER
 
-    async def tokenize_and_send(socket):
-        with tm.mmpre.request_scope():
-            req = await tokenize_one(tm, text=text, image_data=[jpeg])
-            tm.mmpre.send(socket, req)
-            return req
-
-    socket = _Socket()
-    req = asyncio.run(tokenize_and_send(socket))
+    req, sent = tokenize_and_send(tm, text=text, image_data=[jpeg])
     region = req.materialized_mm_inputs.segment
     assert isinstance(region, RegionDescriptor)
     workers = [w.process.pid for w in tm.mmpre.pool._workers]
@@ -191,7 +183,7 @@ def _assert_pooled_equals_fast_in_process(tm, model_dir, monkeypatch, device: st
                            want["pixel_values"])
 
     assert list(req.input_ids) == want["input_ids"].flatten().tolist()
-    built = schedule_one(monkeypatch, socket.sent[0])
+    built = schedule_one(monkeypatch, sent)
     (item,) = built.multimodal_inputs.mm_items
     assert item.feature.dtype == want["pixel_values"].dtype
     assert torch.equal(item.feature, want["pixel_values"]), "pixel_values differ"
@@ -243,7 +235,7 @@ def test_cuda_setting_spawns_the_workers_and_a_spawned_worker_serves_as_a_forked
     from sglang.srt.managers.schedule_batch import MultimodalInputs
     from test_materialize_equivalence import assert_equal_inputs
     from test_patched_request_path import _legacy_request
-    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_and_send
 
     image = _jpeg(seed=31)
     legacy = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
@@ -257,15 +249,8 @@ def test_cuda_setting_spawns_the_workers_and_a_spawned_worker_serves_as_a_forked
         (worker,) = tm.mmpre.pool._workers
         assert type(worker.process).__name__ == "SpawnProcess"
 
-        async def tokenize_and_send(socket):
-            with tm.mmpre.request_scope():
-                req = await tokenize_one(tm, image_data=[image])
-                tm.mmpre.send(socket, req)
-                return req
-
-        socket = _Socket()
-        asyncio.run(tokenize_and_send(socket))
-        built = schedule_one(monkeypatch, socket.sent[0])
+        _, sent = tokenize_and_send(tm, image_data=[image])
+        built = schedule_one(monkeypatch, sent)
         assert_equal_inputs(built.multimodal_inputs, legacy)
         del built
         gc.collect()

@@ -71,29 +71,22 @@ def test_pooled_request_equals_legacy_from_dict_with_tensors_in_the_workers_regi
     pooled, model_dir, monkeypatch
 ):
     from sglang.srt.managers.schedule_batch import MultimodalInputs
-    from tiny_models import tokenize_one
+    from tiny_models import tokenize_and_send
 
     image = _jpeg(seed=11)
     legacy_req = _legacy_request(model_dir, monkeypatch, image)
     legacy_inputs = MultimodalInputs.from_dict(legacy_req.mm_inputs)
 
-    async def tokenize_and_send(socket):
-        with pooled.mmpre.request_scope():
-            req = await tokenize_one(pooled, image_data=[image])
-            pooled.mmpre.send(socket, req)
-            return req
-
-    socket = _Socket()
-    req = asyncio.run(tokenize_and_send(socket))
+    req, sent = tokenize_and_send(pooled, image_data=[image])
     assert req.mm_inputs is None and list(req.input_ids) == list(legacy_req.input_ids)
     region = req.materialized_mm_inputs.segment
     assert isinstance(region, RegionDescriptor)
     assert int(OWNED_NAME_RE.match(region.name).group(2)) in _worker_pids(pooled), \
         "the tensors are not in a region of a worker"
-    assert len(socket.sent[0]) < len(pickle.dumps(legacy_req)) - 18_000_000, \
+    assert len(sent) < len(pickle.dumps(legacy_req)) - 18_000_000, \
         "the pixels travelled with the request"
     assert _refcounts(pooled, region) == [1, 1]  # the scope ended: only the rank's left
-    built = schedule_one(monkeypatch, socket.sent[0])
+    built = schedule_one(monkeypatch, sent)
     assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
     del built
     gc.collect()
@@ -209,7 +202,7 @@ def test_multi_node_server_args_send_every_tensor_inline_and_create_no_file(
     entry rank would vouch for one its peers can't open); the request is inline, and
     the scheduler builds what the legacy ``from_dict`` builds."""
     from sglang.srt.managers.schedule_batch import MultimodalInputs
-    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_and_send
 
     image = _jpeg(seed=21)
     legacy_inputs = MultimodalInputs.from_dict(_legacy_request(model_dir, monkeypatch, image).mm_inputs)
@@ -223,17 +216,10 @@ def test_multi_node_server_args_send_every_tensor_inline_and_create_no_file(
         assert tm.mmpre.region is None, "a region on a multi-node server"
         assert tm.mmpre.pool is None, "a pool would send every tensor through its pipes"
 
-        async def tokenize_and_send(socket):
-            with tm.mmpre.request_scope():
-                req = await tokenize_one(tm, image_data=[image])
-                tm.mmpre.send(socket, req)
-                return req
-
-        socket = _Socket()
-        req = asyncio.run(tokenize_and_send(socket))
+        req, sent = tokenize_and_send(tm, image_data=[image])
         assert req.materialized_mm_inputs.segment is None, "the tensors are not inline"
         assert os.listdir(shm_dir) == [], "a file of ours on a multi-node server"
-        built = schedule_one(monkeypatch, socket.sent[0])
+        built = schedule_one(monkeypatch, sent)
         assert_equal_inputs(built.multimodal_inputs, legacy_inputs)
     finally:
         close_tokenizer_manager(tm)

@@ -29,7 +29,6 @@ from sglang_mmpre.transport.liveness import OWNED_NAME_RE
 from scheduler_harness import schedule_one
 from test_materialize_equivalence import assert_equal_inputs
 from test_patched_request_path import _jpeg
-from test_region_request_path import _Socket
 
 BOOT_DIR = Path(__file__).resolve().parent / "support" / "server_boot"
 PROMPT = "USER: <image>\nDescribe it. ASSISTANT:"
@@ -69,17 +68,9 @@ def pooled(model_dir, shm_dir, monkeypatch):
 
 def _tokenize_and_send(tm, image: bytes):
     """Tokenize one LLaVA request in ``tm`` and send it; returns (request, pickled)."""
-    from tiny_models import tokenize_one
+    from tiny_models import tokenize_and_send
 
-    async def run():
-        with tm.mmpre.request_scope():
-            req = await tokenize_one(tm, PROMPT, image_data=[image])
-            tm.mmpre.send(socket, req)
-            return req
-
-    socket = _Socket()
-    req = asyncio.run(run())
-    return req, socket.sent[0]
+    return tokenize_and_send(tm, PROMPT, image_data=[image])
 
 
 def _pad_image_token(input_ids: list, mm_inputs) -> list:

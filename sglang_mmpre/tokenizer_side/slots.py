@@ -284,25 +284,17 @@ class RegionSlots:
             layout = tuple((type(t).__name__, dtype_name(t), tuple(t.shape)) for t in leaves)
             key = (layout, known[0] if known is not None else h.copy().digest())
         candidate = self._by_prefix.get(key) if key is not None else None
-        if known is not None:  # Note [remembered digests] in hashing.py: no pass to hash
-            digest = known[1]
+        if known is not None or candidate is not None:
+            if known is not None:  # Note [remembered digests] in hashing.py: no pass to hash
+                digest = known[1]
+            else:
+                _hash_rest(h, views, len(first))
+                digest = h.digest()
+                if len(leaves) == 1:
+                    remember_digests(leaves[0], key[1], digest)
             with self._lock:
                 if candidate is not None and candidate.content == digest \
                         and self._take(candidate):
-                    offsets = tuple(candidate.offset + r for r in rel)
-                    return Placement(candidate, tuple(leaves), offsets, digest, 0)
-            try:
-                slot = self.allocate(total)
-            except RegionFull:
-                raise RegionFull(digest) from None
-            _copy_all(views, self.view(slot), rel)
-        elif candidate is not None:
-            _hash_rest(h, views, len(first))
-            digest = h.digest()
-            if len(leaves) == 1:
-                remember_digests(leaves[0], key[1], digest)
-            with self._lock:
-                if candidate.content == digest and self._take(candidate):
                     offsets = tuple(candidate.offset + r for r in rel)
                     return Placement(candidate, tuple(leaves), offsets, digest, 0)
             try:

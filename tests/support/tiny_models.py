@@ -41,10 +41,12 @@ CPU notes (verified against sglang 0.5.5, transformers 4.57, torch 2.8 CPU build
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import os
+import pickle
 import sys
 import weakref
 from pathlib import Path
@@ -488,6 +490,33 @@ async def tokenize_one(
     obj = GenerateReqInput(text=text, **req_kwargs)
     obj.normalize_batch_and_arguments()
     return await tm._tokenize_one_request(obj)
+
+
+class RecordingSocket:
+    """Stands in for the TokenizerManager's socket to the scheduler: keeps each pickled send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_pyobj(self, obj: Any) -> None:
+        self.sent.append(pickle.dumps(obj))
+
+
+def tokenize_and_send(tm: TokenizerManager, text: str | None = None,
+                      **req_kwargs: Any) -> tuple[TokenizedGenerateReqInput, bytes]:
+    """:func:`tokenize_one` inside ``tm``'s request scope, then ``tm.mmpre.send``, as
+    ``generate_request`` does; returns the request and the bytes the scheduler receives.
+    The scope has closed when it returns (only the ranks' references are left)."""
+    socket = RecordingSocket()
+
+    async def run() -> TokenizedGenerateReqInput:
+        with tm.mmpre.request_scope():
+            req = await tokenize_one(tm, text, **req_kwargs)
+            tm.mmpre.send(socket, req)
+            return req
+
+    req = asyncio.run(run())
+    return req, socket.sent[0]
 
 
 def qwen2vl_expected_grid_thw(width: int, height: int) -> tuple[int, int, int]:
