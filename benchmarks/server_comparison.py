@@ -10,7 +10,9 @@ random Qwen2-VL, the CPU flags, patched copies of sglang first on the path):
 
 Also available (``--schemes``): ``optimized_segments``, the same patch with the warm region
 off (``SGLANG_MM_SHM_REGION_CHUNK_BYTES=0``); ``optimized_w0``, ``optimized_w1``,
-``optimized_w2``, the same patch with ``SGLANG_MM_PROCESSOR_WORKERS`` = 0, 1, 2.
+``optimized_w2``, the same patch with ``SGLANG_MM_PROCESSOR_WORKERS`` = 0, 1, 2;
+``optimized_nocache``, the same patch with the processor cache off
+(``SGLANG_MM_PROCESSOR_CACHE_BYTES=0``).
 
 Models (``--models``): ``tiny`` is the served tiny Qwen2-VL (patch 14: a 1120x700 image is
 4,000 patches and 1,000 tokens; on CPU its vision tower and prefill dominate the ranks'
@@ -105,6 +107,9 @@ RANKS = ("scheduler_TP0", "scheduler_TP1")
 VARIANTS = {s: ServerConfig(s) for s in SCHEMES} | {
     "optimized_segments": ServerConfig(
         "optimized", env=(("SGLANG_MM_SHM_REGION_CHUNK_BYTES", "0"),)
+    ),
+    "optimized_nocache": ServerConfig(
+        "optimized", env=(("SGLANG_MM_PROCESSOR_CACHE_BYTES", "0"),)
     ),
 } | {
     f"optimized_w{n}": ServerConfig("optimized", env=(("SGLANG_MM_PROCESSOR_WORKERS", str(n)),))
