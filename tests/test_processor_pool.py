@@ -386,7 +386,6 @@ def test_hung_worker_is_killed_at_the_job_deadline_and_replaced(model_dir, shm_d
     monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
     monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "1")
     monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
-    monkeypatch.setenv("REQUEST_TIMEOUT", "600")  # sglang's image download waits this long
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
     tm = make_tokenizer_manager(model_dir, mm_per_request_timeout=5)
     try:
@@ -395,7 +394,7 @@ def test_hung_worker_is_killed_at_the_job_deadline_and_replaced(model_dir, shm_d
         submit = pool.submit
         monkeypatch.setattr(pool, "submit", lambda job: futures.append(submit(job)) or futures[-1])
         (hung,) = _worker_pids(tm)
-        with stalling_image_url() as (url, hit):
+        with stalling_image_url(trickle=True) as (url, hit):
             with pytest.raises(Exception):  # sglang's own timeout, or the deadline's error
                 asyncio.run(tokenize_one(tm, image_data=[url]))
             assert hit.is_set()

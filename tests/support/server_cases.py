@@ -203,12 +203,25 @@ def in_request_handling(counts: dict) -> int:
 
 
 @contextlib.contextmanager
-def stalling_image_url():
+def stalling_image_url(trickle: bool = False):
     """``(url, hit)``: an image URL whose HTTP server accepts and never answers, so that
     the processor that fetches it is busy until it is killed (sglang's ``load_image``
-    waits up to ``REQUEST_TIMEOUT`` seconds); ``hit`` is set on each connection."""
+    waits up to ``REQUEST_TIMEOUT`` seconds); ``hit`` is set on each connection.
+
+    ``trickle``: answer with headers, then one byte of body every 0.5 s, so that no read
+    waits long enough for ``REQUEST_TIMEOUT`` (a socket read timeout): the fetch never
+    ends, whatever that variable was when a worker's forkserver started."""
     listener = socket.create_server(("127.0.0.1", 0))
     hit, conns, done = threading.Event(), [], threading.Event()
+
+    def answer_slowly(conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 100000000\r\n\r\n")
+            while not done.wait(0.5):
+                conn.sendall(b"\xff")
+        except OSError:
+            return
 
     def accept() -> None:
         while not done.is_set():
@@ -217,6 +230,8 @@ def stalling_image_url():
             except OSError:
                 return
             conns.append(conn)
+            if trickle:
+                threading.Thread(target=answer_slowly, args=(conn,), daemon=True).start()
             hit.set()
 
     thread = threading.Thread(target=accept, daemon=True)
