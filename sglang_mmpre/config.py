@@ -54,6 +54,7 @@ __all__ = [
     "shm_dir",
     "DEFAULT_REGION_CHUNK_BYTES",
     "DEFAULT_PROCESSOR_CACHE_BYTES",
+    "PREPROCESSING_DEVICES",
     "default_processor_workers",
 ]
 
@@ -129,9 +130,13 @@ def load_settings(environ: Optional[dict[str, str]] = None) -> Settings:
     )
 
 
+#: The values of ``SGLANG_MM_PREPROCESSING_DEVICE``.
+PREPROCESSING_DEVICES = ("auto", "cpu", "cuda")
+
+
 def _preprocessing_device(env: Any) -> str:
     value = env.get("SGLANG_MM_PREPROCESSING_DEVICE", "auto").strip().lower()
-    if value not in ("auto", "cpu", "cuda"):
+    if value not in PREPROCESSING_DEVICES:
         raise ValueError(f"SGLANG_MM_PREPROCESSING_DEVICE={value!r}: use auto, cpu or cuda")
     return value
 

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from sglang_mmpre.config import PREPROCESSING_DEVICES
+
 __all__ = [
     "PREPROCESSING_DEVICES",
     "sglang_fast_processor_device",
@@ -58,8 +60,6 @@ __all__ = [
     "worker_start_method",
 ]
 
-#: The values of ``SGLANG_MM_PREPROCESSING_DEVICE``.
-PREPROCESSING_DEVICES = ("auto", "cpu", "cuda")
 
 
 def _hf_processor(mm_processor: Any) -> Any:
