@@ -236,6 +236,20 @@ def _wait_gone(shm_dir, stem: str, timeout: float = 30.0) -> list[str]:
         time.sleep(0.1)
 
 
+def _wait_dead(pid: int, timeout: float = 30.0) -> None:
+    """Wait until ``pid`` is a zombie or gone (its pipes closed), without reaping it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} still runs {timeout:g} s after SIGKILL")
+
+
 def _kill_idle_worker(tm) -> int:
     """SIGKILL the one worker while idle and return its pid (the next request finds it
     dead and starts a replacement)."""
@@ -429,6 +443,10 @@ def test_dead_forkserver_is_restarted_for_the_replacement_worker(pooled):
     (worker,) = pooled.mmpre.pool._workers
     victim = worker.process.pid
     os.kill(victim, signal.SIGKILL)
+    # Both are dead before the job is queued (a kill is delivered asynchronously; a worker
+    # that dies after the pool's idle check fails the job it was sent, by design).
+    _wait_dead(server)
+    _wait_dead(victim)
     try:
         pooled.mmpre.release_unsent(asyncio.run(tokenize_one(pooled, image_data=[_jpeg(seed=34)])))
     except TimeoutError:
