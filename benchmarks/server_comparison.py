@@ -57,8 +57,10 @@ each rank inside the forward (``forward_cpu_ms_per_req``) and outside it
 and divided by the requests served; ``loop_lag_p99_ms`` and ``loop_lag_max_ms``;
 ``processor_workers``, the processor-pool size of the server's TokenizerManager
 (``sglang_mmpre.config.load_settings`` on the server's environment for the ``optimized*``
-variants; 0 for the other schemes, and with ``SGLANG_MM_PREMATERIALIZE=0``); for
-``multi_turn``, ``ttft_p50_ms_by_turn``.
+variants; 0 for the other schemes, and with ``SGLANG_MM_PREMATERIALIZE=0``);
+``processor_cache``, the processor cache's hits, misses, evictions and bypasses summed
+over the workers and rounds (read from the workers' log lines; all 0 where there is no
+cache); for ``multi_turn``, ``ttft_p50_ms_by_turn``.
 
 Workloads are named WIDTHxHEIGHT.
 
@@ -76,6 +78,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -267,11 +270,14 @@ def summarize(key: tuple, runs: list[dict], workers: int, tp: int) -> dict:
         "loop_lag_max_ms": _ms(max(lags, default=None)),
         "loop_lag_samples": len(lags),
         "processor_workers": workers,
+        "processor_cache": {k: sum(r["processor_cache"][k] for r in runs)
+                            for k in _CACHE_COUNTS},
         "requests": served,
         "errors": sum(r["errors"] for r in runs),
         "rounds_run": len(runs),
         "rounds": [{k: r[k] for k in ("seed", "images", "request_throughput",
-                                      "median_e2e_latency_ms", "cpu_s", "forward_cpu_s")}
+                                      "median_e2e_latency_ms", "cpu_s", "forward_cpu_s",
+                                      "processor_cache")}
                    | {"loop_lag_p99_ms": _ms(percentile(r["loop_lag_ms"], 99))}
                    for r in runs],
     }
@@ -434,6 +440,7 @@ def _measure(server: RealServer, lag_dir: Path, fwd_dir: Path, regime: str, w: W
         raise RuntimeError(f"/flush_cache answered {r.status_code}: {r.text[:200]}")
     roles = server.processes()
     before = server.cpu_seconds()
+    log_from = server.log_path.stat().st_size
     requests = max(c, round(w.requests * args.requests_scale))
     if regime == "multi_turn":  # ``c`` conversations in flight
         requests = max(requests, c * MULTI_TURN_TURNS)
@@ -448,7 +455,26 @@ def _measure(server: RealServer, lag_dir: Path, fwd_dir: Path, regime: str, w: W
                                forward_cpu_between(fwd_dir, started, ended).items()
                                if pid in roles}
     result["loop_lag_ms"] = collect_lags(lag_dir, started, ended)
+    result["processor_cache"] = processor_cache_counts(server.log_path, log_from)
     return result
+
+
+_CACHE_LINE = re.compile(rb"processor worker (\d+): processor cache: (\d+) hits, (\d+) misses, "
+                         rb"(\d+) evictions, (\d+) bypasses")
+_CACHE_COUNTS = ("hits", "misses", "evictions", "bypasses")
+
+
+def processor_cache_counts(log: Path, start: int) -> dict[str, int]:
+    """The processor workers' cache counts in the server log written after byte ``start``
+    (each worker's line is cumulative and logged after every job: the benchmark sets
+    ``SGLANG_MM_PROCESSOR_CACHE_LOG_S=0``)."""
+    data = log.read_bytes()
+    def last(text: bytes) -> dict[bytes, tuple[int, ...]]:
+        return {m[1]: tuple(map(int, m.groups()[1:])) for m in _CACHE_LINE.finditer(text)}
+    before, after = last(data[:start]), last(data)
+    zero = (0,) * len(_CACHE_COUNTS)
+    return {name: sum(a[i] - before.get(pid, zero)[i] for pid, a in after.items())
+            for i, name in enumerate(_CACHE_COUNTS)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -482,7 +508,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 fwd_dir = Path(tempfile.mkdtemp(prefix="forward_cpu-", dir=server_dir))
                 config = VARIANTS[s]
                 config = replace(config, tp=args.tp, env=config.env + (
-                    (LOOP_LAG_ENV, str(lag_dir)), (FORWARD_CPU_ENV, str(fwd_dir))),
+                    (LOOP_LAG_ENV, str(lag_dir)), (FORWARD_CPU_ENV, str(fwd_dir)),
+                    ("SGLANG_MM_PROCESSOR_CACHE_LOG_S", "0")),
                     extra_args=config.extra_args + MODELS[model].server_args)
                 server = RealServer(config, model_dirs[model], server_dir)
                 server.start()
@@ -516,7 +543,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                             f"{w.name} C={c:<3d} {result['request_throughput']:6.2f} req/s  "
                             f"E2E p50 {result['median_e2e_latency_ms'] or 0:7.0f} ms  "
                             f"loop lag p99 {percentile(result['loop_lag_ms'], 99):6.1f} ms  "
-                            f"ranks' CPU ms/req {_rank_split(result)}"
+                            f"ranks' CPU ms/req {_rank_split(result)}  "
+                            f"cache hits/misses {result['processor_cache']['hits']}/"
+                            f"{result['processor_cache']['misses']}"
                             + (f"  TTFT by turn {turns}" if regime == "multi_turn" else "")
                             + (f"  ERRORS {result['errors']}: {result['first_error']}"
                                if result["errors"] else ""))

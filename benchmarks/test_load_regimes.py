@@ -20,7 +20,11 @@ from benchmarks.chat_load import (  # noqa: E402
     REPEATED_K,
     conversations,
 )
-from benchmarks.server_comparison import parse_args, run_seeds  # noqa: E402
+from benchmarks.server_comparison import (  # noqa: E402
+    parse_args,
+    processor_cache_counts,
+    run_seeds,
+)
 from import_hook import on_import  # noqa: E402
 
 
@@ -100,3 +104,46 @@ def test_on_import_wraps_a_module_when_it_is_first_imported(tmp_path, monkeypatc
         sys.modules.pop("mmpre_hook_target", None)
         sys.meta_path[:] = [f for f in sys.meta_path
                             if getattr(f, "target", None) != "mmpre_hook_target"]
+
+
+def test_processor_cache_counts_are_per_worker_deltas_of_the_workers_log_lines(tmp_path):
+    """The rows' cache counts: each worker's cumulative line (``ProcessorCache.log`` in
+    the workers' log format), the last one after the run minus the last one before it."""
+    import logging
+
+    from sglang_mmpre.tokenizer_side.pool_worker import LOG_FORMAT
+    from sglang_mmpre.tokenizer_side.processor_cache import ProcessorCache
+
+    log = tmp_path / "server.log"
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    pid = {"now": 0}
+
+    def as_worker(record):  # two workers' lines in one file, as in the server log
+        record.process = pid["now"]
+        return True
+
+    handler.addFilter(as_worker)
+    cache_logger = logging.getLogger("sglang_mmpre.tokenizer_side.processor_cache")
+    cache_logger.addHandler(handler)
+    cache_logger.setLevel(logging.INFO)
+    caches = {101: ProcessorCache(1 << 20, b"fingerprint"),
+              102: ProcessorCache(1 << 20, b"fingerprint")}
+
+    def line(worker, hits, misses):
+        pid["now"] = worker
+        caches[worker].stats.hits, caches[worker].stats.misses = hits, misses
+        caches[worker].log()
+
+    try:
+        line(101, 3, 2)
+        line(102, 1, 1)
+        start = log.stat().st_size
+        line(101, 7, 3)
+        line(102, 5, 2)
+        line(101, 9, 3)
+    finally:
+        cache_logger.removeHandler(handler)
+        handler.close()
+    assert processor_cache_counts(log, start) == {"hits": 10, "misses": 2, "evictions": 0,
+                                                  "bypasses": 0}

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 import_processors("sglang.srt.multimodal.processors")  # once per forkserver (or spawned worker)
 
 
+#: The workers' log lines name their pid (the main job sums each worker's cache counts).
+LOG_FORMAT = "[%(asctime)s] sglang_mmpre processor worker %(process)d: %(message)s"
+
+
 def _load_processor(server_args: Any) -> Any:
     """The HF processor, loaded as ``TokenizerManager.__init__`` loads it."""
     kwargs = dict(tokenizer_mode=server_args.tokenizer_mode,
@@ -159,8 +163,7 @@ def main(conn: Any, spec: Any, index: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s",
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT,
                         force=True)  # the imports may have configured the root logger
     try:
         mm_processor, side = _build(spec)
