@@ -26,6 +26,9 @@ Note [processor pool]
   job.
 - Each worker has one job at a time, sent and awaited by a thread of its own in the
   parent: the loop awaits a future and never touches a pipe.
+- A worker's reply carries its processor cache's counters (``processor_cache.CacheStats``,
+  or None with the cache off): :meth:`ProcessorPool.cache_stats` gives the last ones of
+  each worker.
 - An exception the processor raises comes back and is raised again, so the client gets
   what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
   today (nothing was sent; the credit stays). A reply that can't be unpickled fails its
@@ -266,6 +269,7 @@ class _Worker:
         self.conn: Any = None
         self.credit = 0  # segment bytes released since the last job (under pool._lock)
         self.stem: Optional[str] = None  # its creator stem (liveness), once it is ready
+        self.cache_stats: Any = None  # its processor cache's counters at its last reply
 
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
@@ -277,6 +281,8 @@ class _Worker:
         if method == "forkserver":
             ctx.set_forkserver_preload([main.__module__])
         parent, child = ctx.Pipe()
+        with self.pool._lock:
+            self.cache_stats = None  # a new process: an empty cache
         self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)
         try:
@@ -482,7 +488,9 @@ class ProcessorPool:
                 item[0].set_exception(_RunInParent(None))
 
     def _settle(self, worker: _Worker, future: Future, reply: tuple) -> None:
-        status, payload = reply
+        status, payload, cache_stats = reply
+        with self._lock:
+            worker.cache_stats = cache_stats
         if status == "error":
             future.set_exception(payload)
             return
@@ -609,6 +617,13 @@ class ProcessorPool:
                 return future
         future.set_exception(_RunInParent(None))
         return future
+
+    def cache_stats(self) -> list:
+        """Each worker's processor cache counters (``processor_cache.CacheStats``) as its
+        last reply gave them; None for a worker with no reply yet, or the cache off. A
+        replacement starts from zero (its cache is empty)."""
+        with self._lock:
+            return [w.cache_stats for w in self._workers]
 
     def shutdown(self) -> None:
         """Stop every worker (each unlinks its region), then retire what is left."""
