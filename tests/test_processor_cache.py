@@ -498,3 +498,29 @@ def test_routing_key_is_the_same_for_the_same_payload_and_none_without_media():
     assert routing_key({"image_data": [long]}) != routing_key({"image_data": [long + b"x"]})
     assert routing_key({"image_data": [], "audio_data": ["http://h/a.wav"]}) is not None
     assert routing_key({"image_data": None, "audio_data": None}) is None
+
+
+def test_worker_that_cannot_restart_leaves_the_routing_and_its_job_is_served_by_another(
+    pooled_two, monkeypatch
+):
+    """Note [routing by key]: a worker found dead whose replacement can't start gives its
+    job to the worker still serving, which then gets every job."""
+    import os
+    import signal
+
+    from test_processor_pool import _wait_dead
+
+    pool = pooled_two.mmpre.pool
+    image = _jpeg(448, 448, seed=131)
+    index = _worker_of(pool, image)
+    dead, other = pool._workers[index], pool._workers[1 - index]
+    monkeypatch.setattr(dead, "start", lambda: False)  # its replacement can't start
+    victim = dead.process.pid
+    os.kill(victim, signal.SIGKILL)
+    _wait_dead(victim)
+    assert _served_by(pooled_two, [image]) == other.process.pid
+    assert not dead.serving and pool.failed is None
+    assert _worker_of(pool, image) == other.index
+    assert _served_by(pooled_two, [image]) == other.process.pid
+    stats = pool.cache_stats()[other.index]
+    assert (stats.misses, stats.hits) == (1, 1)
