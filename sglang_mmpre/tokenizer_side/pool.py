@@ -133,7 +133,7 @@ REAP_INTERVAL_S = 1.0
 #: by key]): about one miss of a large image, so a hit is not given up for less.
 STEAL_AFTER_S = 0.25
 #: Bytes from each end of a media item that its routing key covers.
-ROUTE_SAMPLE_BYTES = 1 << 16
+ROUTE_SAMPLE_BYTES = 1 << 14
 
 
 class ProcessorWorkerDied(MmpreError, ValueError):
@@ -202,18 +202,20 @@ def pool_unsupported_reason(mm_processor: Any, server_args: Any,
     return None
 
 
-def _payload(item: Any) -> Optional[bytes]:
-    """A media item as the client sent it, as bytes: the bytes, or the string (base64, a
-    data URL's payload, so that it routes as the same base64 alone does; a URL, a path;
-    an ``ImageData``'s URL); None for anything else."""
+def _sample(item: Any) -> Optional[tuple[int, Any, Any]]:
+    """A media item as the client sent it: its length, its first and its last
+    ``ROUTE_SAMPLE_BYTES`` (slices; the whole item is never copied). For the bytes, or a
+    string: base64 (a data URL's payload, so that it routes as the same base64 alone
+    does), a URL, a path, an ``ImageData``'s URL. None for anything else."""
     item = getattr(item, "url", item)  # sglang's ImageData
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item) if not isinstance(item, bytes) else item
+    start = 0
     if isinstance(item, str):
         if item.startswith("data:"):
-            item = item.partition(",")[2]
-        return item.encode("utf-8", "surrogatepass")
-    return None
+            start = item.find(",") + 1
+    elif not isinstance(item, (bytes, bytearray)):
+        return None
+    n = ROUTE_SAMPLE_BYTES
+    return len(item) - start, item[start:start + n], item[max(start, len(item) - n):]
 
 
 def routing_key(job: dict) -> Optional[bytes]:
@@ -226,12 +228,14 @@ def routing_key(job: dict) -> Optional[bytes]:
         if items is None:
             continue
         first = items[0] if isinstance(items, (list, tuple)) and items else items
-        data = _payload(first)
-        if data is None:
+        sample = _sample(first)
+        if sample is None:
             continue
-        h = hashlib.sha256(len(data).to_bytes(8, "big"))
-        h.update(data[:ROUTE_SAMPLE_BYTES])
-        h.update(data[-ROUTE_SAMPLE_BYTES:])
+        length, head, tail = sample
+        h = hashlib.sha256(b"s" if isinstance(head, str) else b"b")
+        h.update(length.to_bytes(8, "big"))
+        for part in (head, tail):
+            h.update(part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part)
         return h.digest()
     return None
 
