@@ -329,3 +329,198 @@ def test_media_bytes_are_what_sglangs_load_image_decodes(tmp_path):
     assert media_bytes("http://127.0.0.1:1/picture.jpg") is None
     assert media_bytes(Image.new("RGB", (4, 4))) is None
     assert media_bytes("not base64!") is None
+
+
+@pytest.fixture
+def pooled_two(model_dir, shm_dir, monkeypatch):
+    """A patched TokenizerManager with a pool of two workers (each with its cache); no
+    file of ours is left after."""
+    import os
+
+    from test_processor_pool import BOOT_DIR
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "2")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(16 << 20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir)
+    try:
+        assert len(tm.mmpre.pool._workers) == 2
+        yield tm
+    finally:
+        close_tokenizer_manager(tm)
+    assert os.listdir(shm_dir) == [], "files left after the pool shut down"
+
+
+def _served_by(tm, images) -> int:
+    """Tokenize one request of ``images`` (its scope closed, nothing sent); the pid of the
+    worker whose region holds its tensors."""
+    from sglang_mmpre.transport.liveness import OWNED_NAME_RE
+    from tiny_models import tokenize_one
+
+    req = asyncio.run(tokenize_one(tm, image_data=list(images)))
+    pid = int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2))
+    tm.mmpre.release_unsent(req)
+    return pid
+
+
+def _worker_of(pool, image) -> int:
+    """The index of the worker that jobs of ``image`` (bytes, a URL) are routed to."""
+    from sglang_mmpre.tokenizer_side.pool import routing_key
+
+    with pool._lock:
+        return pool._route(routing_key({"image_data": [image]})).index
+
+
+def test_same_image_goes_to_one_worker_and_misses_once_in_total(pooled_two):
+    """Note [routing by key]: with two workers, each of two images (routed to different
+    workers) sent four times, three in a row then interleaved, is processed once in all
+    and hits three times on the worker that processed it; neither worker keeps the
+    other's image. (From one shared queue, the workers took turns: each image missed in
+    both, and both held both.)"""
+    pool = pooled_two.mmpre.pool
+    a = _jpeg(448, 448, seed=101)
+    seeds = iter(range(102, 200))
+    b = next(im for im in (_jpeg(448, 448, seed=s) for s in seeds)
+             if _worker_of(pool, im) != _worker_of(pool, a))
+    pids = [w.process.pid for w in pool._workers]
+    served = {id(a): set(), id(b): set()}
+    for image in (a,) * 3 + (b,) * 3 + (a, b):
+        served[id(image)].add(_served_by(pooled_two, [image]))
+    assert served[id(a)] == {pids[_worker_of(pool, a)]}
+    assert served[id(b)] == {pids[_worker_of(pool, b)]}
+    stats = pool.cache_stats()
+    assert [(s.misses, s.hits, s.entries) for s in stats] == [(1, 3, 1), (1, 3, 1)]
+
+
+def test_killed_worker_holding_a_cached_image_loses_only_its_cache(
+    pooled_two, model_dir, monkeypatch, shm_dir
+):
+    """``kill -9`` of the worker whose cache holds an image: the next request of that
+    image is served by its replacement (a miss), equal to what sglang's unpatched path
+    builds; the dead worker's files go, and no slot stays referenced."""
+    import os
+    import signal
+
+    from test_processor_pool import _region_refcounts, _wait_dead, _wait_gone
+
+    image = _jpeg(640, 480, seed=111)
+    legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
+    pool = pooled_two.mmpre.pool
+    index = _worker_of(pool, image)
+    got = [_scheduled(pooled_two, monkeypatch, None, [image]) for _ in range(2)]
+    stats = pool.cache_stats()[index]
+    assert (stats.misses, stats.hits, stats.entries) == (1, 1, 1)
+    for earlier_ids, earlier in got:
+        assert earlier_ids == legacy[0]
+        assert_equal_inputs(earlier, legacy[1])
+    del got, earlier  # the ranks' views of the victim's slot
+    _release()
+    victim = pool._workers[index].process.pid
+    os.kill(victim, signal.SIGKILL)
+    _wait_dead(victim)
+    ids, inputs = _scheduled(pooled_two, monkeypatch, None, [image])
+    replacement = pool._workers[index].process.pid
+    assert replacement != victim
+    stats = pool.cache_stats()[index]
+    assert (stats.misses, stats.hits) == (1, 0), "the replacement's cache was not empty"
+    assert ids == legacy[0]
+    assert_equal_inputs(inputs, legacy[1])
+    del inputs
+    _release()
+    assert _wait_gone(shm_dir, f"sglmmpre_{victim}_") == []
+    regions = [n for n in os.listdir(shm_dir) if n.startswith(f"sglmmpre_{replacement}_")
+               and not n.endswith(".lock")]
+    assert regions, "the replacement made no region"
+    for name in regions:
+        assert set(_region_refcounts(shm_dir, name)) == {0}, "a slot stays referenced"
+
+
+def test_job_routed_to_a_busy_worker_is_taken_by_the_idle_one_and_equals_sglangs(
+    pooled_two, model_dir, monkeypatch
+):
+    """Note [routing by key]: while the worker an image is routed to is stuck on a URL
+    that never finishes, the image's job is taken by the other, idle worker (after
+    ``STEAL_AFTER_S``), and what the request gets is what sglang's unpatched path builds."""
+    from sglang_mmpre.transport.liveness import OWNED_NAME_RE
+    from server_cases import stalling_image_url
+    from tiny_models import tokenize_one
+
+    pool = pooled_two.mmpre.pool
+    pids = [w.process.pid for w in pool._workers]
+    socket = _Socket()
+
+    async def scenario(url, hit, image):
+        stalled = asyncio.ensure_future(tokenize_one(pooled_two, image_data=[url]))
+        assert await asyncio.to_thread(hit.wait, 60), "the worker never fetched the URL"
+        with pooled_two.mmpre.request_scope():
+            req = await tokenize_one(pooled_two, image_data=[image])
+            pooled_two.mmpre.send(socket, req)
+        stalled.cancel()
+        return list(req.input_ids), req.materialized_mm_inputs.segment.name
+
+    with stalling_image_url(trickle=True) as (url, hit):
+        busy = _worker_of(pool, url)
+        seeds = iter(range(120, 300))
+        image = next(im for im in (_jpeg(448, 448, seed=s) for s in seeds)
+                     if _worker_of(pool, im) == busy)
+        ids, region = asyncio.run(scenario(url, hit, image))
+    assert int(OWNED_NAME_RE.match(region).group(2)) == pids[1 - busy], \
+        "the job waited for the busy worker"
+    legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
+    built = schedule_one(monkeypatch, socket.sent[0])
+    assert ids == legacy[0]
+    assert_equal_inputs(built.multimodal_inputs, legacy[1])
+    del built
+    _release()
+
+
+def test_routing_key_is_the_same_for_the_same_payload_and_none_without_media():
+    """What routes a job: equal payloads (bytes, base64 alone or in a data URL) route
+    alike; a payload of another length routes by it, whatever its sampled ends (the
+    length is in the key); a job with no media item has none (it goes to the least
+    loaded worker)."""
+    from sglang.srt.utils.common import ImageData
+
+    from sglang_mmpre.tokenizer_side.pool import ROUTE_SAMPLE_BYTES, routing_key
+
+    data = _jpeg(w=64, h=48, seed=92)
+    b64 = base64.b64encode(data).decode()
+    key = routing_key({"image_data": [b64]})
+    assert len(key) == 32
+    assert routing_key({"image_data": ["data:image/jpeg;base64," + b64]}) == key
+    assert routing_key({"image_data": [ImageData(url=b64)]}) == key
+    assert routing_key({"image_data": b64}) == key
+    assert routing_key({"image_data": [data]}) != key  # not decoded: cheap on the loop
+    assert routing_key({"image_data": [b64, "other"]}) == key  # the first item routes
+    long = b"x" * (3 * ROUTE_SAMPLE_BYTES)
+    assert routing_key({"image_data": [long]}) != routing_key({"image_data": [long + b"x"]})
+    assert routing_key({"image_data": [], "audio_data": ["http://h/a.wav"]}) is not None
+    assert routing_key({"image_data": None, "audio_data": None}) is None
+
+
+def test_worker_that_cannot_restart_leaves_the_routing_and_its_job_is_served_by_another(
+    pooled_two, monkeypatch
+):
+    """Note [routing by key]: a worker found dead whose replacement can't start gives its
+    job to the worker still serving, which then gets every job."""
+    import os
+    import signal
+
+    from test_processor_pool import _wait_dead
+
+    pool = pooled_two.mmpre.pool
+    image = _jpeg(448, 448, seed=131)
+    index = _worker_of(pool, image)
+    dead, other = pool._workers[index], pool._workers[1 - index]
+    monkeypatch.setattr(dead, "start", lambda: False)  # its replacement can't start
+    victim = dead.process.pid
+    os.kill(victim, signal.SIGKILL)
+    _wait_dead(victim)
+    assert _served_by(pooled_two, [image]) == other.process.pid
+    assert not dead.serving and pool.failed is None
+    assert _worker_of(pool, image) == other.index
+    assert _served_by(pooled_two, [image]) == other.process.pid
+    stats = pool.cache_stats()[other.index]
+    assert (stats.misses, stats.hits) == (1, 1)

@@ -25,7 +25,11 @@ Note [processor pool]
   Segment bytes released are credited back to the worker's share of the cap with its next
   job.
 - Each worker has one job at a time, sent and awaited by a thread of its own in the
-  parent: the loop awaits a future and never touches a pipe.
+  parent: the loop awaits a future and never touches a pipe. Each has its own queue, and
+  a job goes to the worker its routing key names (Note [routing by key]).
+- A worker's reply carries its processor cache's counters (``processor_cache.CacheStats``,
+  or None with the cache off): :meth:`ProcessorPool.cache_stats` gives the last ones of
+  each worker.
 - An exception the processor raises comes back and is raised again, so the client gets
   what unpatched sglang gives it. A job that can't be pickled runs in the parent, as
   today (nothing was sent; the credit stays). A reply that can't be unpickled fails its
@@ -40,6 +44,26 @@ Note [processor pool]
 - The pool is built when the TokenizerManager is, and waits for every worker's first
   start (seconds; it overlaps the scheduler's model loading). A worker that can't start
   leaves the others; with none, every job runs in the parent, as today.
+
+Note [routing by key]
+---------------------
+Each worker keeps its own processor cache (``processor_cache.py``). Were jobs taken from
+one shared queue, a repeated image would miss once in each worker, and each would keep a
+copy of it. So :meth:`ProcessorPool.submit` routes a job by :func:`routing_key`: a hash of
+the job's first media item as the client sent it (the base64 string, the bytes, the URL:
+the first and last ``ROUTE_SAMPLE_BYTES`` of it and its length, so the loop never hashes
+megabytes), mapped to one of the workers still serving. The same image goes to the same
+worker, and so does a chat that re-sends its first image with every turn. A job with no
+such item goes to the worker with the fewest jobs queued or running.
+
+The key only chooses a worker; the cache keys items by the full sha256 of their bytes
+in the worker. A routing collision or a job run elsewhere costs a cache miss, never a
+wrong result. A worker whose process is dead stays in the mapping: its jobs wait in its
+queue for its replacement (about a second from the forkserver), as with one queue. A job
+that has waited ``STEAL_AFTER_S`` in the queue of a busy, hung or restarting worker is
+taken by an idle worker (a miss there, once), so no job waits behind a long one while
+another worker has nothing to do. A worker that can no longer start leaves the mapping,
+and its queued jobs are routed again among the others (to the parent, with none left).
 
 A worker's region (reused shared memory; byte layout in ``transport/region.py``)
 -----------------------------------------------------------------------------------
@@ -62,12 +86,14 @@ whole server dies   the next start-up sweep (every worker has its own creator lo
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import inspect
 import logging
 import multiprocessing
 import os
-import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -89,6 +115,7 @@ __all__ = [
     "PooledResult",
     "WorkerSpec",
     "pool_unsupported_reason",
+    "routing_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +129,11 @@ STOP_TIMEOUT_S = 5.0
 JOB_TIMEOUT_S = 300.0
 #: Seconds between checks whether a dead worker's files are still needed.
 REAP_INTERVAL_S = 1.0
+#: Seconds a job waits in its worker's queue before an idle worker takes it (Note [routing
+#: by key]): about one miss of a large image, so a hit is not given up for less.
+STEAL_AFTER_S = 0.25
+#: Bytes from each end of a media item that its routing key covers.
+ROUTE_SAMPLE_BYTES = 1 << 14
 
 
 class ProcessorWorkerDied(MmpreError, ValueError):
@@ -167,6 +199,44 @@ def pool_unsupported_reason(mm_processor: Any, server_args: Any,
         return "multimodal features stay on the GPU"
     if not inspect.iscoroutinefunction(getattr(mm_processor, "process_mm_data_async", None)):
         return f"{type(mm_processor).__name__} has no process_mm_data_async coroutine"
+    return None
+
+
+def _sample(item: Any) -> Optional[tuple[int, Any, Any]]:
+    """A media item as the client sent it: its length, its first and its last
+    ``ROUTE_SAMPLE_BYTES`` (slices; the whole item is never copied). For the bytes, or a
+    string: base64 (a data URL's payload, so that it routes as the same base64 alone
+    does), a URL, a path, an ``ImageData``'s URL. None for anything else."""
+    item = getattr(item, "url", item)  # sglang's ImageData
+    start = 0
+    if isinstance(item, str):
+        if item.startswith("data:"):
+            start = item.find(",") + 1
+    elif not isinstance(item, (bytes, bytearray)):
+        return None
+    n = ROUTE_SAMPLE_BYTES
+    return len(item) - start, item[start:start + n], item[max(start, len(item) - n):]
+
+
+def routing_key(job: dict) -> Optional[bytes]:
+    """The key that picks the worker for ``job`` (Note [routing by key]): sha256 over the
+    length, the first and the last ``ROUTE_SAMPLE_BYTES`` of its first image item (else
+    video, else audio) as sent, or None when it has none."""
+    request = job.get("request_obj")
+    for items in (job.get("image_data"), getattr(request, "video_data", None),
+                  job.get("audio_data")):
+        if items is None:
+            continue
+        first = items[0] if isinstance(items, (list, tuple)) and items else items
+        sample = _sample(first)
+        if sample is None:
+            continue
+        length, head, tail = sample
+        h = hashlib.sha256(b"s" if isinstance(head, str) else b"b")
+        h.update(length.to_bytes(8, "big"))
+        for part in (head, tail):
+            h.update(part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part)
+        return h.digest()
     return None
 
 
@@ -266,6 +336,12 @@ class _Worker:
         self.conn: Any = None
         self.credit = 0  # segment bytes released since the last job (under pool._lock)
         self.stem: Optional[str] = None  # its creator stem (liveness), once it is ready
+        # Under pool._lock: the jobs routed here, (future, job, queued at), oldest first;
+        # whether it runs one; whether its thread may still start it (Note [routing by key]).
+        self.queue: "collections.deque[tuple]" = collections.deque()
+        self.busy = False
+        self.serving = True
+        self.cache_stats: Any = None  # its processor cache's counters at its last reply
 
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
@@ -277,6 +353,8 @@ class _Worker:
         if method == "forkserver":
             ctx.set_forkserver_preload([main.__module__])
         parent, child = ctx.Pipe()
+        with self.pool._lock:
+            self.cache_stats = None  # a new process: an empty cache
         self.process = ctx.Process(target=main, args=(child, self.pool.spec, self.index),
                                    name=f"sglang_mmpre-processor-{self.index}", daemon=True)
         try:
@@ -393,11 +471,10 @@ class ProcessorPool:
         timeout = getattr(spec.server_args, "mm_per_request_timeout", None)
         #: Seconds a job may run in a worker before it is killed (ProcessorWorkerHung).
         self.job_timeout_s = float(timeout) if timeout and timeout > 0 else JOB_TIMEOUT_S
-        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)  # a job was queued, or closing
         self._ledgers: dict[str, _Ledger] = {}  # by worker stem (under self._lock)
         self._workers = [_Worker(self, i) for i in range(size)]
-        self._serving = size  # threads still able to start a worker
         self.failed: Optional[str] = None  # set when no worker could start
         self._closed = False
         self._started = threading.Semaphore(0)  # one release per thread's first start
@@ -423,13 +500,13 @@ class ProcessorPool:
                 first = False
                 self._started.release()
             if not started:
-                self._give_up(carried)
+                self._give_up(worker, carried)
                 return
             while True:
                 if carried is None:
-                    try:
-                        carried = self._jobs.get(timeout=REAP_INTERVAL_S)
-                    except queue.Empty:
+                    carried = self._take(worker)
+                    if carried is _IDLE:
+                        carried = None
                         self._reap()
                         continue
                 item, carried = carried, None
@@ -461,28 +538,71 @@ class ProcessorPool:
                     continue
                 self._settle(worker, future, reply)
 
-    def _give_up(self, carried: Optional[tuple]) -> None:
-        """One thread less; the last one hands every queued job back to the parent (a job
-        this thread carried goes back to the parent in any case)."""
-        if carried is not None and carried[0].set_running_or_notify_cancel():
-            carried[0].set_exception(_RunInParent(None))
-        with self._lock:
-            self._serving -= 1
-            if self._serving or self._closed:
-                return
-            self.failed = "no processor worker could start (see the log above)"
-        logger.error("sglang_mmpre: %s; the processor runs in the tokenizer process, as "
-                     "in sglang.", self.failed)
-        while True:  # hand queued jobs back to the parent
-            try:
-                item = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and item[0].set_running_or_notify_cancel():
-                item[0].set_exception(_RunInParent(None))
+    def _take(self, worker: _Worker) -> Any:
+        """The next job for ``worker``: its own oldest, else one that waited
+        ``STEAL_AFTER_S`` in another's queue (Note [routing by key]); None once the pool
+        closed and its own queue is empty; ``_IDLE`` after ``REAP_INTERVAL_S`` without."""
+        deadline = time.monotonic() + REAP_INTERVAL_S
+        with self._queued:
+            worker.busy = False
+            while True:
+                if worker.queue:
+                    worker.busy = True
+                    return worker.queue.popleft()[:2]
+                if self._closed:
+                    return None
+                now = time.monotonic()
+                waited = [w for w in self._workers if w.queue]
+                if waited:
+                    oldest = min(waited, key=lambda w: w.queue[0][2])
+                    due = oldest.queue[0][2] + STEAL_AFTER_S
+                    if due <= now:
+                        worker.busy = True
+                        return oldest.queue.popleft()[:2]
+                else:
+                    due = deadline
+                if now >= deadline:
+                    return _IDLE
+                self._queued.wait(min(due, deadline) - now)
+
+    def _route(self, key: Optional[bytes]) -> Optional[_Worker]:
+        """The worker a job of routing key ``key`` goes to, or None when no worker is left
+        (under self._lock)."""
+        live = [w for w in self._workers if w.serving]
+        if not live:
+            return None
+        if key is None:
+            return min(live, key=lambda w: len(w.queue) + w.busy)
+        return live[int.from_bytes(key[:8], "big") % len(live)]
+
+    def _give_up(self, worker: _Worker, carried: Optional[tuple]) -> None:
+        """``worker`` will not start again: its queued jobs (and one it carried) are routed
+        again among the workers still serving; with none left (or while closing), they go
+        back to the parent, and with none left every later job runs there too."""
+        with self._queued:
+            worker.serving = False
+            orphans = [(*carried, time.monotonic())] if carried is not None else []
+            orphans.extend(worker.queue)
+            worker.queue.clear()
+            failed = not self._closed and not any(w.serving for w in self._workers)
+            if failed:
+                self.failed = "no processor worker could start (see the log above)"
+            elif not self._closed:
+                for entry in orphans:
+                    self._route(routing_key(entry[1])).queue.append(entry)
+                orphans = []
+                self._queued.notify_all()
+        if failed:
+            logger.error("sglang_mmpre: %s; the processor runs in the tokenizer process, as "
+                         "in sglang.", self.failed)
+        for future, *_ in orphans:  # back to the parent
+            if future.set_running_or_notify_cancel():
+                future.set_exception(_RunInParent(None))
 
     def _settle(self, worker: _Worker, future: Future, reply: tuple) -> None:
-        status, payload = reply
+        status, payload, cache_stats = reply
+        with self._lock:
+            worker.cache_stats = cache_stats
         if status == "error":
             future.set_exception(payload)
             return
@@ -600,29 +720,44 @@ class ProcessorPool:
 
     # -- the event loop's side ----------------------------------------------------------
     def submit(self, job: dict) -> Future:
-        """Queue one processor call; the future gives a :class:`PooledResult`, raises what
-        the processor raised, :class:`ProcessorWorkerDied`, or ``_RunInParent``."""
+        """Queue one processor call with the worker its routing key names (Note [routing
+        by key]); the future gives a :class:`PooledResult`, raises what the processor
+        raised, :class:`ProcessorWorkerDied`, or ``_RunInParent``."""
         future: Future = Future()
-        with self._lock:  # _give_up drains the queue once failed is set
-            if self.failed is None and not self._closed:
-                self._jobs.put((future, job))
+        key = routing_key(job)
+        with self._queued:  # _give_up hands queued jobs back once failed is set
+            worker = self._route(key) if self.failed is None and not self._closed else None
+            if worker is not None:
+                worker.queue.append((future, job, time.monotonic()))
+                self._queued.notify_all()
                 return future
         future.set_exception(_RunInParent(None))
         return future
 
+    def cache_stats(self) -> list:
+        """Each worker's processor cache counters (``processor_cache.CacheStats``) as its
+        last reply gave them; None for a worker with no reply yet, or the cache off. A
+        replacement starts from zero (its cache is empty)."""
+        with self._lock:
+            return [w.cache_stats for w in self._workers]
+
     def shutdown(self) -> None:
-        """Stop every worker (each unlinks its region), then retire what is left."""
+        """Stop every worker (each unlinks its region) once it has run the jobs queued
+        for it, then retire what is left."""
         if self._closed:
             return
-        self._closed = True
-        for _ in self._threads:
-            self._jobs.put(None)
+        with self._queued:
+            self._closed = True
+            self._queued.notify_all()
         for t in self._threads:
             t.join(STOP_TIMEOUT_S + 2.0)
         with self._lock:
             for ledger in self._ledgers.values():
                 ledger.gone = True
         self._reap(force=True)
+
+
+_IDLE = object()  # _take: no job for REAP_INTERVAL_S
 
 
 class _RunInParent(Exception):

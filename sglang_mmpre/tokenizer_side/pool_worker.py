@@ -12,8 +12,10 @@ parent carries, one at a time::
                        ("drop",)             the parent could not unpickle the last
                                              reply: release its slots or segment
     worker -> parent   ("ready", creator stem) once, then per job one of
-                       ("ok", ({"input_ids": ...} or {}, MaterializedMultimodalInputs))
-                       ("error", the exception the processor raised)
+                       ("ok", ({"input_ids": ...} or {}, MaterializedMultimodalInputs),
+                        stats)
+                       ("error", the exception the processor raised, stats)
+                       stats: its processor cache's counters (CacheStats), or None
 
 The creator reference of an "ok" reply passes to the parent with the parent's next
 message (or EOF), unless that message is "drop".
@@ -140,11 +142,11 @@ def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
             passed = {k: mm_dict[k] for k in ("input_ids",) if k in mm_dict}
             materialized = side.build(mm_dict)
         except Exception as e:  # noqa: BLE001 - the processor's error goes to the request
-            conn.send(("error", _portable(e)))
+            conn.send(("error", _portable(e), cache and cache.snapshot()))
             continue
         writer = materialized.writer
         try:
-            conn.send(("ok", (passed, materialized)))
+            conn.send(("ok", (passed, materialized), cache and cache.snapshot()))
         except BaseException:
             if writer is not None:
                 side.release(writer)  # the parent never got it
