@@ -58,6 +58,8 @@ __all__ = [
     "Node",
     "start_nodes",
     "stop_nodes",
+    "kill_nodes",
+    "private_shm_unavailable_reason",
     "ServerFailed",
     "sglang_site",
     "segment_files",
@@ -358,6 +360,7 @@ class RealServer:
         ]
         if self.config.tp > 1:
             args += ["--tp", str(self.config.tp), "--disable-custom-all-reduce"]
+        args += list(self.config.extra_args)
         if node is not None:
             args += ["--nnodes", str(node.nnodes), "--node-rank", str(node.rank),
                      "--dist-init-addr", node.dist_init_addr]
@@ -366,7 +369,6 @@ class RealServer:
             args = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                     f"mount -t tmpfs -o size={NODE_SHM_SIZE} tmpfs /dev/shm && exec \"$@\"",
                     "node", *args]
-        args += list(self.config.extra_args)
         rank = f"-node{node.rank}" if node is not None else ""
         self.log_path = self.workdir / f"server-{self.config.scheme}{rank}-{self.port}.log"
         self._launched_at = time.monotonic()
@@ -517,7 +519,8 @@ class RealServer:
 
     # -- stop ------------------------------------------------------------------------
     def stop(self) -> int:
-        """SIGTERM the launcher, wait, check its exit code, remove sglang's own leftovers.
+        """SIGTERM the launcher, wait, check its exit code, remove sglang's own leftovers
+        (a node of rank >= 1 gets no signal: it stops once node 0 stopped).
 
         Raises :class:`ServerFailed` if it does not exit by itself within the grace period,
         or exits other than sglang 0.5.5's clean stop (see the module docstring).
