@@ -17,6 +17,16 @@ Used by the real-server tests and by the main benchmark (test-only support, neve
   not installed yet, uvicorn shuts it down: exit ``-15``. Anything else is a failure.
 - **Import stand-ins.** ``server_boot/sitecustomize.py`` (on the server's ``PYTHONPATH``)
   loads ``gpu_module_standin`` in every process sglang spawns.
+- **Nodes.** ``ServerConfig(node=Node(rank, dist_init_addr))`` starts one node of a
+  two-node server (``--nnodes 2 --node-rank R --dist-init-addr``): :func:`start_nodes`
+  starts both, each with the TP ranks sglang gives its rank, and :func:`stop_nodes` stops
+  them. Each node runs in its own mount namespace with its own tmpfs at ``/dev/shm``
+  (another machine's, as far as shared memory goes); the tokenizer, the detokenizer and
+  the HTTP API run on node 0 only (node 1 answers ``/health`` and nothing else). To stop
+  node 1, stop node 0: sglang 0.5.5 has no other way for it. Its scheduler's next
+  broadcast from rank 0 then fails ("Connection closed by peer"), the scheduler sends
+  its launcher SIGQUIT ("Received sigquit from a child process"), and the launcher kills
+  its tree, itself included: exit ``-9``.
 - **Leftovers.** sglang and multiprocessing leave a ``psm_*`` file and a few ``sem.mp-*``
   files in ``/dev/shm`` after a TP>1 server stops (the ``psm_*`` file is unlinked only in a
   ``__del__``; the server kills its own tree before multiprocessing cleans up). Once every
@@ -45,6 +55,11 @@ __all__ = [
     "SCHEMES",
     "ServerConfig",
     "RealServer",
+    "Node",
+    "start_nodes",
+    "stop_nodes",
+    "kill_nodes",
+    "private_shm_unavailable_reason",
     "ServerFailed",
     "sglang_site",
     "segment_files",
@@ -107,6 +122,7 @@ GPU_FLAGS = (
 READY_TIMEOUT_S = 240.0
 _DRAINED = "Gracefully exiting... Remaining number of requests 0."
 _UVICORN_DONE = "Application shutdown complete."
+_PEER_NODE_GONE = "Received sigquit from a child process"
 STOP_GRACE_S = 60.0
 
 
@@ -230,6 +246,31 @@ def _free_port() -> int:
 
 
 @dataclass(frozen=True)
+class Node:
+    """One node of a two-node server: its ``--node-rank`` and the head node's
+    ``--dist-init-addr`` (``host:port``, over loopback here)."""
+
+    rank: int
+    dist_init_addr: str
+    nnodes: int = 2
+
+
+def private_shm_unavailable_reason() -> Optional[str]:
+    """Why a process can't get its own mount namespace with a tmpfs at ``/dev/shm`` here
+    (``unshare -m`` needs CAP_SYS_ADMIN), or None if it can."""
+    if shutil.which("unshare") is None:
+        return "no unshare(1) on this machine"
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True, text=True,
+    )
+    if probe.returncode != 0:
+        return f"unshare -m with a tmpfs at /dev/shm failed: {probe.stderr.strip()}"
+    return None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """What to start: a scheme, a TP size, extra flags and environment."""
 
@@ -246,6 +287,13 @@ class ServerConfig:
     #: Our files in ``/dev/shm`` with ``SGLANG_MM_SHM_DIR`` unset, as a user runs it
     #: (other servers may share the directory: see :meth:`RealServer.own_files`).
     default_shm_dir: bool = False
+    #: One node of a multi-node server (module docstring, "Nodes"): it runs in its own
+    #: mount namespace with a tmpfs of its own at ``/dev/shm``, ``SGLANG_MM_SHM_DIR`` unset.
+    node: Optional[Node] = None
+
+
+#: Size of a node's own ``/dev/shm`` (a tmpfs: pages are taken only when written).
+NODE_SHM_SIZE = "4g"
 
 
 @dataclass
@@ -263,13 +311,25 @@ class RealServer:
     _shm_before: frozenset[str] = frozenset()
     _own_shm_dir: bool = False
     _pids_seen: frozenset[int] = frozenset()
+    #: A node's mount namespace (``/proc/<pid>/ns/mnt``), to check that it is gone.
+    _mount_ns: Optional[str] = None
+    #: Seconds from the launch to the first HTTP answer.
+    ready_after_s: Optional[float] = None
+    _launched_at: float = 0.0
 
     # -- start -----------------------------------------------------------------------
     def start(self) -> "RealServer":
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> "RealServer":
+        """Start the launcher process; :meth:`wait_ready` waits for its HTTP answer."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.config.default_shm_dir:
+        node = self.config.node  # a node's shm_dir is its own /dev/shm (set below)
+        if node is None and self.config.default_shm_dir:
             self.shm_dir = Path("/dev/shm")
-        elif self.shm_dir is None:
+        elif node is None and self.shm_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
             import tempfile
 
@@ -287,7 +347,7 @@ class RealServer:
         else:
             env.update(PYTHONUNBUFFERED="1")
         env.update(PYTHONPATH=os.pathsep.join(path), SGLANG_MM_SHM_DIR=str(self.shm_dir))
-        if self.config.default_shm_dir:
+        if self.config.default_shm_dir or node is not None:
             del env["SGLANG_MM_SHM_DIR"]
         env.update(dict(self.config.env))
         self.port = _free_port()
@@ -301,13 +361,26 @@ class RealServer:
         if self.config.tp > 1:
             args += ["--tp", str(self.config.tp), "--disable-custom-all-reduce"]
         args += list(self.config.extra_args)
-        self.log_path = self.workdir / f"server-{self.config.scheme}-{self.port}.log"
+        if node is not None:
+            args += ["--nnodes", str(node.nnodes), "--node-rank", str(node.rank),
+                     "--dist-init-addr", node.dist_init_addr]
+            # unshare(1) execs sh, which mounts the tmpfs and execs the launcher: the
+            # launcher keeps the pid, so it leads the process group as without a node.
+            args = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    f"mount -t tmpfs -o size={NODE_SHM_SIZE} tmpfs /dev/shm && exec \"$@\"",
+                    "node", *args]
+        rank = f"-node{node.rank}" if node is not None else ""
+        self.log_path = self.workdir / f"server-{self.config.scheme}{rank}-{self.port}.log"
+        self._launched_at = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args, env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        self._wait_ready()
+        if node is not None:
+            # The node's /dev/shm, seen from here, while its launcher lives.
+            self.shm_dir = Path(f"/proc/{self.proc.pid}/root/dev/shm")
+            self._mount_ns = self._own_mount_ns()
         return self
 
     def _flags(self) -> tuple[str, ...]:
@@ -329,7 +402,11 @@ class RealServer:
             return ""
         return "\n".join(lines[-n:])
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Wait for the server's HTTP answer (``/get_model_info``; ``/health`` on a node of
+        rank >= 1, which serves nothing else); kill it and raise if it dies or is late."""
+        node = self.config.node
+        probe = "/health" if node is not None and node.rank > 0 else "/get_model_info"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -337,13 +414,44 @@ class RealServer:
                 self.kill()  # its children may outlive it
                 raise ServerFailed(f"server exited with {rc} during start-up:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/get_model_info", timeout=2).status_code == 200:
+                if requests.get(self.url + probe, timeout=2).status_code == 200:
+                    self.ready_after_s = time.monotonic() - self._launched_at
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.5)
         self.kill()
         raise ServerFailed(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def _own_mount_ns(self) -> str:
+        """The launcher's mount namespace, once it is not the one it was started in (the
+        wrapper has not run ``unshare`` yet right after the fork)."""
+        ours = os.readlink("/proc/self/ns/mnt")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+            except OSError:
+                break
+            if ns != ours:
+                return ns
+            time.sleep(0.05)
+        self.kill()
+        raise ServerFailed(f"the node did not get its own mount namespace:\n{self.log_tail()}")
+
+    def mount_namespace_members(self) -> list[int]:
+        """Pids of live processes in this node's mount namespace (none once it stopped)."""
+        if self._mount_ns is None:
+            return []
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/ns/mnt") == self._mount_ns:
+                        out.append(int(entry))
+                except OSError:
+                    continue
+        return out
 
     # -- processes -------------------------------------------------------------------
     def processes(self) -> dict[int, str]:
@@ -371,7 +479,8 @@ class RealServer:
                 continue
             pid = int(entry)
             if pid == self.proc.pid:
-                out[pid] = "tokenizer"
+                node = self.config.node
+                out[pid] = "tokenizer" if node is None or node.rank == 0 else "launcher"
             elif cmdline.startswith("sglang::"):
                 out[pid] = cmdline[len("sglang::") :].split()[0]
         self._pids_seen |= frozenset(out)
@@ -410,12 +519,23 @@ class RealServer:
 
     # -- stop ------------------------------------------------------------------------
     def stop(self) -> int:
-        """SIGTERM the launcher, wait, check its exit code, remove sglang's own leftovers.
+        """SIGTERM the launcher, wait, check its exit code, remove sglang's own leftovers
+        (a node of rank >= 1 gets no signal: it stops once node 0 stopped).
 
         Raises :class:`ServerFailed` if it does not exit by itself within the grace period,
         or exits other than sglang 0.5.5's clean stop (see the module docstring).
         """
         if self.proc is None or self.proc.poll() is not None:
+            return self._finish(expect_clean=True)
+        node = self.config.node
+        if node is not None and node.rank > 0:
+            # It stops once node 0 is gone (module docstring, "Nodes").
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise ServerFailed(f"node {node.rank} still ran {STOP_GRACE_S:.0f} s after "
+                                   f"node 0 stopped:\n{self.log_tail()}")
             return self._finish(expect_clean=True)
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -439,15 +559,22 @@ class RealServer:
     def _finish(self, expect_clean: bool) -> int:
         rc = self.proc.returncode
         self._reap_group()
-        mapped = mapped_shm_files()
-        for name in sorted(set(_sglang_shm_files()) - self._shm_before - mapped):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except FileNotFoundError:
-                pass
+        node = self.config.node
+        if node is None:  # a node's leftovers went with its own /dev/shm
+            mapped = mapped_shm_files()
+            for name in sorted(set(_sglang_shm_files()) - self._shm_before - mapped):
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except FileNotFoundError:
+                    pass
         if self._own_shm_dir and not os.listdir(self.shm_dir):
             os.rmdir(self.shm_dir)  # a non-empty one stays for the test to report
         log = self.log_tail(400)
+        if node is not None and node.rank > 0:
+            if expect_clean and not (rc == -signal.SIGKILL and _PEER_NODE_GONE in log):
+                raise ServerFailed(f"node {node.rank} exited with {rc}, not after node 0 "
+                                   f"stopped:\n{self.log_tail()}")
+            return rc
         drained = rc in (0, -signal.SIGKILL) and _DRAINED in log
         # Before its first request sglang has not installed its SIGTERM handler yet, and
         # uvicorn's own shuts the server down (exit -15).
@@ -467,3 +594,58 @@ class RealServer:
             except ProcessLookupError:
                 pass
             raise ServerFailed(f"server processes outlived the launcher:\n{self.log_tail()}")
+        # A node's namespace (and its /dev/shm) goes with its last process, in the group
+        # or not.
+        while self.mount_namespace_members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stray = self.mount_namespace_members()
+        if stray:
+            for pid in stray:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            raise ServerFailed(f"processes {stray} outlived the node, in its mount namespace")
+
+
+def start_nodes(scheme: str, model_dir: Path, workdir: Path, env: tuple[tuple[str, str], ...] = (),
+                nnodes: int = 2) -> list[RealServer]:
+    """The nodes of one TP=``nnodes`` server (one rank each), node 0 first, all ready;
+    if one fails, all are killed."""
+    addr = f"127.0.0.1:{_free_port()}"
+    nodes = [RealServer(ServerConfig(scheme, tp=nnodes, env=env, node=Node(rank, addr, nnodes)),
+                        model_dir, workdir / f"node{rank}")
+             for rank in range(nnodes)]
+    try:
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+    except BaseException:
+        kill_nodes(nodes)
+        raise
+    return nodes
+
+
+def stop_nodes(nodes: list[RealServer]) -> None:
+    """SIGTERM node 0 (a graceful stop: it drains), then let the others stop by themselves
+    (module docstring, "Nodes"); each one's exit is checked, and every node is killed if a
+    check fails."""
+    try:
+        for node in nodes:
+            node.stop()
+    except BaseException:
+        kill_nodes(nodes)
+        raise
+
+
+def kill_nodes(nodes: list[RealServer]) -> None:
+    """SIGKILL every launched node's process group and what is left in its mount
+    namespace (:meth:`RealServer.kill`), whatever state it is in."""
+    for node in nodes:
+        if node.proc is not None and (node.proc.poll() is None or node.processes()
+                                      or node.mount_namespace_members()):
+            try:
+                node.kill()
+            except ServerFailed:
+                pass  # what outlived it was killed; the failure that led here is raised
