@@ -41,6 +41,29 @@ Note [processor pool]
   start (seconds; it overlaps the scheduler's model loading). A worker that can't start
   leaves the others; with none, every job runs in the parent, as today.
 
+Note [pool shutdown]
+--------------------
+sglang 0.5.5 stops on SIGTERM by draining: ``sigterm_watchdog`` waits until
+``rid_to_state`` is empty, then SIGKILLs its whole process tree (``kill_process_tree``),
+these workers and their forkserver included, so no ``finally`` or ``atexit`` runs in
+them. The patched watchdog calls ``TokenizerSide.shutdown``, and with it
+:meth:`ProcessorPool.shutdown`, right before that kill. A request enters
+``rid_to_state`` only when it is sent to the scheduler, so one whose processor job still
+runs in a worker (a slow image download) is not counted: the drain can end with workers
+busy. Shutdown therefore
+
+1. hands the queued jobs back to the parent (as when no worker can start);
+2. closes the pipe of every idle worker: it unlinks its region and its lock file, exits;
+3. kills every busy worker at once. Its request is lost in any case: the event loop is
+   blocked in shutdown, and sglang kills the tree right after;
+4. starts no replacement, and once every worker is gone removes every file they left
+   (``_reap(force=True)``), a region whose slots a rank still leases included: the ranks
+   are killed next.
+
+Any other path to ``kill_process_tree`` (a scheduler dies and signals the launcher, an
+exception in a TokenizerManager task) kills the workers without this: their files stay
+until the next server's start-up sweep (``transport/liveness.py``).
+
 A worker's region (reused shared memory; byte layout in ``transport/region.py``)
 -----------------------------------------------------------------------------------
 ==================  ========================================================================
@@ -55,6 +78,7 @@ worker dies         its lock is free; its region and segments stay until the par
                     then the parent retires the region and sweeps the worker's files
                     (Note [one ledger per worker])
 parent dies         the worker reads EOF, unlinks its region and exits
+server stops        :meth:`ProcessorPool.shutdown` (Note [pool shutdown])
 whole server dies   the next start-up sweep (every worker has its own creator lock)
 ==================  ========================================================================
 """
@@ -266,6 +290,7 @@ class _Worker:
         self.conn: Any = None
         self.credit = 0  # segment bytes released since the last job (under pool._lock)
         self.stem: Optional[str] = None  # its creator stem (liveness), once it is ready
+        self.busy = False  # a job was sent and its reply is awaited (read by shutdown)
 
     def start(self) -> bool:
         """Spawn the worker and wait until it is ready; False if it could not start."""
@@ -368,6 +393,13 @@ class _Worker:
             "process as sglang does."
         )
 
+    def kill(self) -> None:
+        """SIGKILL the worker process if it runs (from any thread: its own thread then
+        reads EOF and handles it as a death)."""
+        process = self.process
+        if process is not None and process.is_alive():
+            process.kill()
+
     def stop(self, kill: bool = False) -> None:
         """Close the pipe (the worker exits and unlinks its region), kill it if it lingers
         (``kill``: at once)."""
@@ -418,6 +450,9 @@ class ProcessorPool:
         carried = None  # a job taken when the worker turned out dead: for its replacement
         first = True
         while True:
+            if self._closed and not first:  # no replacement during shutdown
+                self._hand_back(carried)
+                return
             started = worker.start()
             if first:
                 first = False
@@ -448,24 +483,29 @@ class ProcessorPool:
                 future, job = item
                 if not future.set_running_or_notify_cancel():
                     continue
+                worker.busy = True
                 try:
                     reply = worker.run(job)
                 except ProcessorWorkerDied as e:  # died, or hung and killed here
+                    if self._closed:  # killed by shutdown (Note [pool shutdown])
+                        e = ProcessorWorkerDied("the server is shutting down: this request's "
+                                                "multimodal processing was stopped")
                     logger.error("sglang_mmpre: %s", e)
                     future.set_exception(e)
                     worker.stop(kill=isinstance(e, ProcessorWorkerHung))
                     self._worker_gone(worker)
-                    break  # start a replacement
+                    break  # start a replacement (none once shut down)
                 except BaseException as e:  # noqa: BLE001 - _RunInParent, unreadable reply
                     future.set_exception(e)
                     continue
+                finally:
+                    worker.busy = False
                 self._settle(worker, future, reply)
 
     def _give_up(self, carried: Optional[tuple]) -> None:
         """One thread less; the last one hands every queued job back to the parent (a job
         this thread carried goes back to the parent in any case)."""
-        if carried is not None and carried[0].set_running_or_notify_cancel():
-            carried[0].set_exception(_RunInParent(None))
+        self._hand_back(carried)
         with self._lock:
             self._serving -= 1
             if self._serving or self._closed:
@@ -473,13 +513,22 @@ class ProcessorPool:
             self.failed = "no processor worker could start (see the log above)"
         logger.error("sglang_mmpre: %s; the processor runs in the tokenizer process, as "
                      "in sglang.", self.failed)
-        while True:  # hand queued jobs back to the parent
+        self._hand_back_queued()
+
+    @staticmethod
+    def _hand_back(item: Optional[tuple]) -> None:
+        """Run a job that no worker will take in the parent (unless it was cancelled)."""
+        if item is not None and item[0].set_running_or_notify_cancel():
+            item[0].set_exception(_RunInParent(None))
+
+    def _hand_back_queued(self) -> None:
+        """Hand every queued job back to the parent."""
+        while True:
             try:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if item is not None and item[0].set_running_or_notify_cancel():
-                item[0].set_exception(_RunInParent(None))
+            self._hand_back(item)
 
     def _settle(self, worker: _Worker, future: Future, reply: tuple) -> None:
         status, payload = reply
@@ -611,14 +660,22 @@ class ProcessorPool:
         return future
 
     def shutdown(self) -> None:
-        """Stop every worker (each unlinks its region), then retire what is left."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop every worker and remove every file of theirs: Note [pool shutdown]."""
+        with self._lock:  # submit() queues nothing once closed
+            if self._closed:
+                return
+            self._closed = True
+        self._hand_back_queued()
         for _ in self._threads:
             self._jobs.put(None)
-        for t in self._threads:
+        for worker in self._workers:
+            if worker.busy:
+                worker.kill()
+        for worker, t in zip(self._workers, self._threads):
             t.join(STOP_TIMEOUT_S + 2.0)
+            if t.is_alive():  # it took a job after the check above
+                worker.kill()
+                t.join(STOP_TIMEOUT_S + 2.0)
         with self._lock:
             for ledger in self._ledgers.values():
                 ledger.gone = True
