@@ -11,6 +11,7 @@ never arrives. The idle stop (every request answered) is the ``pool_default`` va
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -68,4 +69,6 @@ def test_sigterm_to_the_launcher_with_jobs_in_every_worker_leaves_no_file_in_dev
         if server.proc is not None and server.proc.poll() is None:
             server.kill()
     left = server.own_files(with_locks=True, with_regions=True)
+    for name in left:  # its processes are gone: leave nothing behind, even on failure
+        os.unlink(os.path.join(server.shm_dir, name))
     assert left == [], f"files of ours left in /dev/shm after a graceful stop: {left}"
