@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -477,3 +478,62 @@ def test_stop_signal_to_the_process_group_leaves_workers_serving_until_their_pip
     assert _worker_pids(pooled) == [worker], "a stop signal killed the worker"
     assert int(OWNED_NAME_RE.match(req.materialized_mm_inputs.segment.name).group(2)) == worker
     pooled.mmpre.release_unsent(req)
+
+
+def test_shutdown_with_a_job_in_every_worker_removes_every_file_before_sglang_kills_the_tree(
+    model_dir, shm_dir, monkeypatch
+):
+    """sglang's SIGTERM drain counts a request only once it is sent to the scheduler, so
+    it can end while workers still run the processor (here: image downloads that never
+    end). The patched ``sigterm_watchdog`` then shuts the pool down and SIGKILLs the
+    server's whole process tree (Note [pool shutdown]): when shutdown returns, no worker
+    may be left for that kill, nor a file of ours; the requests fail with a clear error."""
+    from contextlib import ExitStack
+
+    from tiny_models import close_tokenizer_manager, make_tokenizer_manager, tokenize_one
+
+    monkeypatch.setenv("SGLANG_MM_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("SGLANG_MM_PROCESSOR_WORKERS", "2")
+    monkeypatch.setenv("SGLANG_MM_SHM_REGION_CHUNK_BYTES", str(32 << 20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BOOT_DIR), os.environ["PYTHONPATH"]]))
+    tm = make_tokenizer_manager(model_dir, mm_per_request_timeout=600)
+    outcome: list = []
+    try:
+        pids = _worker_pids(tm)
+        assert len(pids) == 2
+        made = {int(m.group(2)) for m in map(OWNED_NAME_RE.match, os.listdir(shm_dir)) if m}
+        assert made == set(pids), "each worker should have its region before any request"
+        with ExitStack() as stack:
+            stalls = [stack.enter_context(stalling_image_url(trickle=True)) for _ in pids]
+
+            async def both() -> list:
+                return await asyncio.gather(
+                    *(tokenize_one(tm, image_data=[url]) for url, _ in stalls),
+                    return_exceptions=True)
+
+            client = threading.Thread(target=lambda: outcome.extend(asyncio.run(both())))
+            client.start()
+            for _, hit in stalls:
+                assert hit.wait(60), "a worker never fetched its image"
+            tm.mmpre.shutdown()  # what the patched sigterm_watchdog does after the drain
+            left = sorted(os.listdir(shm_dir))
+            alive = [pid for pid in pids if _alive(pid)]
+            client.join(60)
+        assert alive == [], f"workers left running for sglang's SIGKILL: {alive}"
+        assert left == [], f"files of ours left for sglang's SIGKILL: {left}"
+        assert len(outcome) == 2 and all(
+            isinstance(e, ProcessorWorkerDied) and "shutting down" in str(e) for e in outcome
+        ), outcome
+    finally:
+        for pid in _worker_pids(tm):  # as sglang's kill_process_tree would
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        close_tokenizer_manager(tm)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False

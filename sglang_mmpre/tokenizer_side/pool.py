@@ -65,6 +65,29 @@ taken by an idle worker (a miss there, once), so no job waits behind a long one 
 another worker has nothing to do. A worker that can no longer start leaves the mapping,
 and its queued jobs are routed again among the others (to the parent, with none left).
 
+Note [pool shutdown]
+--------------------
+sglang 0.5.5 stops on SIGTERM by draining: ``sigterm_watchdog`` waits until
+``rid_to_state`` is empty, then SIGKILLs its whole process tree (``kill_process_tree``),
+these workers and their forkserver included, so no ``finally`` or ``atexit`` runs in
+them. The patched watchdog calls ``TokenizerSide.shutdown``, and with it
+:meth:`ProcessorPool.shutdown`, right before that kill. A request enters
+``rid_to_state`` only when it is sent to the scheduler, so one whose processor job still
+runs in a worker (a slow image download) is not counted: the drain can end with workers
+busy. Shutdown therefore
+
+1. hands the queued jobs back to the parent (as when no worker can start);
+2. closes the pipe of every idle worker: it unlinks its region and its lock file, exits;
+3. kills every busy worker at once. Its request is lost in any case: the event loop is
+   blocked in shutdown, and sglang kills the tree right after;
+4. starts no replacement, and once every worker is gone removes every file they left
+   (``_reap(force=True)``), a region whose slots a rank still leases included: the ranks
+   are killed next.
+
+Any other path to ``kill_process_tree`` (a scheduler dies and signals the launcher, an
+exception in a TokenizerManager task) kills the workers without this: their files stay
+until the next server's start-up sweep (``transport/liveness.py``).
+
 A worker's region (reused shared memory; byte layout in ``transport/region.py``)
 -----------------------------------------------------------------------------------
 ==================  ========================================================================
@@ -79,6 +102,7 @@ worker dies         its lock is free; its region and segments stay until the par
                     then the parent retires the region and sweeps the worker's files
                     (Note [one ledger per worker])
 parent dies         the worker reads EOF, unlinks its region and exits
+server stops        :meth:`ProcessorPool.shutdown` (Note [pool shutdown])
 whole server dies   the next start-up sweep (every worker has its own creator lock)
 ==================  ========================================================================
 """
@@ -339,7 +363,7 @@ class _Worker:
         # Under pool._lock: the jobs routed here, (future, job, queued at), oldest first;
         # whether it runs one; whether its thread may still start it (Note [routing by key]).
         self.queue: "collections.deque[tuple]" = collections.deque()
-        self.busy = False
+        self.busy = False  # (also read by shutdown: Note [pool shutdown])
         self.serving = True
         self.cache_stats: Any = None  # its processor cache's counters at its last reply
 
@@ -446,6 +470,13 @@ class _Worker:
             "process as sglang does."
         )
 
+    def kill(self) -> None:
+        """SIGKILL the worker process if it runs (from any thread: its own thread then
+        reads EOF and handles it as a death)."""
+        process = self.process
+        if process is not None and process.is_alive():
+            process.kill()
+
     def stop(self, kill: bool = False) -> None:
         """Close the pipe (the worker exits and unlinks its region), kill it if it lingers
         (``kill``: at once)."""
@@ -495,6 +526,9 @@ class ProcessorPool:
         carried = None  # a job taken when the worker turned out dead: for its replacement
         first = True
         while True:
+            if self._closed and not first:  # no replacement during shutdown
+                self._hand_back(carried)
+                return
             started = worker.start()
             if first:
                 first = False
@@ -528,14 +562,19 @@ class ProcessorPool:
                 try:
                     reply = worker.run(job)
                 except ProcessorWorkerDied as e:  # died, or hung and killed here
+                    if self._closed:  # killed by shutdown (Note [pool shutdown])
+                        e = ProcessorWorkerDied("the server is shutting down: this request's "
+                                                "multimodal processing was stopped")
                     logger.error("sglang_mmpre: %s", e)
                     future.set_exception(e)
                     worker.stop(kill=isinstance(e, ProcessorWorkerHung))
                     self._worker_gone(worker)
-                    break  # start a replacement
+                    break  # start a replacement (none once shut down)
                 except BaseException as e:  # noqa: BLE001 - _RunInParent, unreadable reply
                     future.set_exception(e)
                     continue
+                finally:
+                    worker.busy = False
                 self._settle(worker, future, reply)
 
     def _take(self, worker: _Worker) -> Any:
@@ -595,9 +634,14 @@ class ProcessorPool:
         if failed:
             logger.error("sglang_mmpre: %s; the processor runs in the tokenizer process, as "
                          "in sglang.", self.failed)
-        for future, *_ in orphans:  # back to the parent
-            if future.set_running_or_notify_cancel():
-                future.set_exception(_RunInParent(None))
+        for future, job, _ in orphans:  # back to the parent
+            self._hand_back((future, job))
+
+    @staticmethod
+    def _hand_back(item: Optional[tuple]) -> None:
+        """Run a job that no worker will take in the parent (unless it was cancelled)."""
+        if item is not None and item[0].set_running_or_notify_cancel():
+            item[0].set_exception(_RunInParent(None))
 
     def _settle(self, worker: _Worker, future: Future, reply: tuple) -> None:
         status, payload, cache_stats = reply
@@ -742,15 +786,25 @@ class ProcessorPool:
             return [w.cache_stats for w in self._workers]
 
     def shutdown(self) -> None:
-        """Stop every worker (each unlinks its region) once it has run the jobs queued
-        for it, then retire what is left."""
-        if self._closed:
-            return
-        with self._queued:
+        """Stop every worker and remove every file of theirs: Note [pool shutdown]."""
+        with self._queued:  # submit() queues nothing once closed
+            if self._closed:
+                return
             self._closed = True
+            queued = [entry for w in self._workers for entry in w.queue]
+            for w in self._workers:
+                w.queue.clear()
             self._queued.notify_all()
-        for t in self._threads:
+        for future, job, _ in queued:
+            self._hand_back((future, job))
+        for worker in self._workers:
+            if worker.busy:
+                worker.kill()
+        for worker, t in zip(self._workers, self._threads):
             t.join(STOP_TIMEOUT_S + 2.0)
+            if t.is_alive():  # it took a job after the check above
+                worker.kill()
+                t.join(STOP_TIMEOUT_S + 2.0)
         with self._lock:
             for ledger in self._ledgers.values():
                 ledger.gone = True
