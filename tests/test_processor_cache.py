@@ -198,6 +198,31 @@ def test_stale_or_inconsistent_entry_is_not_used_and_the_request_equals_sglangs(
     _release(first, second, third)
 
 
+def test_entry_written_in_place_is_dropped_and_the_request_equals_sglangs(
+    worker_side, model_dir, monkeypatch
+):
+    """A one-image entry shares its storage with the miss's output (no copy): an in-place
+    write to it (as a request writing to its feature would do) fails the next hit's
+    check; that job runs without the cache, the entry is dropped, and the next request
+    stores and then hits a fresh one. Every request is what sglang builds."""
+    image = _jpeg(w=640, h=480, seed=82)
+    legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
+    tm = worker_side()
+    cache = tm.mm_data_processor.mm_processor.cache
+    got = [_scheduled(tm, monkeypatch, None, [image])]
+    (entry,) = cache._entries.values()
+    entry.per_row["pixel_values"].add_(1.0)
+    got.append(_scheduled(tm, monkeypatch, None, [image]))
+    assert (cache.stats.hits, cache.stats.bypasses) == (0, 1)
+    assert entry not in cache._entries.values()
+    got += [_scheduled(tm, monkeypatch, None, [image]) for _ in range(2)]
+    assert (cache.stats.hits, cache.stats.bypasses) == (1, 1)
+    for ids, inputs in got:
+        assert ids == legacy[0]
+        assert_equal_inputs(inputs, legacy[1])
+    _release(got)
+
+
 def test_key_covers_the_image_processors_configuration(model_dir, shm_dir, monkeypatch):
     """The same bytes under another ``min_pixels``/``max_pixels`` (which change the
     grid) get another key; the same configuration the same key."""

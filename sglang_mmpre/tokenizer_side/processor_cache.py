@@ -114,6 +114,7 @@ class _Entry:
     size: tuple[int, int]
     call: str  # the preprocess keyword arguments it was made with
     nbytes: int
+    versions: tuple[int, ...] = ()  # the per-patch tensors' ``_version`` when stored
 
 
 @dataclass
@@ -155,6 +156,16 @@ def _own(v: Any) -> Any:
     its tensors reaches the cache; a hit of one image hands out the cached tensor itself,
     which ``materialize`` only reads)."""
     return v.clone() if isinstance(v, torch.Tensor) else np.array(v, copy=True)
+
+
+def _rows(v: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a per-patch output. All of a tensor's rows (one image) are
+    kept as a view, not copied: a fresh 18 MB copy per miss cost more than the cache saved
+    on unique images. The miss's request shares that storage, so an in-place write to it
+    (which bumps the shared ``_version``) makes the entry fail its check (``_consistent``)."""
+    if isinstance(v, torch.Tensor) and start == 0 and stop == v.shape[0]:
+        return v[start:stop]
+    return _own(v[start:stop])
 
 
 class ProcessorCache:
@@ -292,8 +303,9 @@ class ProcessorCache:
         from transformers.image_processing_utils import BatchFeature
 
         cached = job.hits
-        for entry in cached.values():
+        for i, entry in cached.items():
             if entry.call != call or not _consistent(entry):
+                self._drop(job.keys[i], entry)
                 raise CacheBypass("a cached entry fails its checks")
         fresh = self._split(out, len(misses)) if misses else {}
         if fresh is None:
@@ -340,7 +352,7 @@ class ProcessorCache:
                 if name == "image_grid_thw" or (v.shape[0] == n and n != total):
                     per_image[name] = _own(v[j:j + 1])
                 elif v.shape[0] == total:
-                    per_row[name] = _own(v[start:start + rows[j]])
+                    per_row[name] = _rows(v, start, start + rows[j])
                 else:
                     return None
             start += rows[j]
@@ -356,6 +368,7 @@ class ProcessorCache:
         for v in entry.per_row.values():
             if isinstance(v, torch.Tensor):
                 pin_immutable(v)  # Note [remembered digests]: a hit's slot needs no rehash
+        entry.versions = _versions(entry)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -367,6 +380,18 @@ class ProcessorCache:
             self._entries[key] = entry
             self.stats.bytes_held += entry.nbytes
             self.stats.entries = len(self._entries)
+
+    def _drop(self, key: Optional[bytes], entry: _Entry) -> None:
+        """Forget ``entry`` (it failed a hit's check) if ``key`` still names it."""
+        with self._lock:
+            if key is not None and self._entries.get(key) is entry:
+                del self._entries[key]
+                self.stats.bytes_held -= entry.nbytes
+                self.stats.entries = len(self._entries)
+
+
+def _versions(entry: _Entry) -> tuple[int, ...]:
+    return tuple(v._version for v in entry.per_row.values() if isinstance(v, torch.Tensor))
 
 
 def fingerprint(mm_processor: Any) -> Optional[bytes]:
@@ -395,4 +420,5 @@ def _consistent(entry: _Entry) -> bool:
     if grid is None or len(grid) != 1:
         return False
     rows = int(np.prod([int(x) for x in grid[0]]))
-    return all(v.shape[0] == rows for v in entry.per_row.values())
+    return all(v.shape[0] == rows for v in entry.per_row.values()) \
+        and _versions(entry) == entry.versions
