@@ -159,8 +159,10 @@ def main(conn: Any, spec: Any, index: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The workers share the server's stderr: each line names its worker.
     logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s] sglang_mmpre processor worker: %(message)s",
+                        format=f"[%(asctime)s] sglang_mmpre processor worker {index} "
+                               "(pid %(process)d): %(message)s",
                         force=True)  # the imports may have configured the root logger
     try:
         mm_processor, side = _build(spec)
