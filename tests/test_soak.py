@@ -37,8 +37,10 @@ Margins, for every process (tokenizer, its processor workers, four ranks):
   plus, for a worker, what its processor cache grew by (bounded by its share of
   ``SGLANG_MM_PROCESSOR_CACHE_BYTES``). RssShmem is left out: a process touches more of a
   region's pages as new images take new slots, up to the region's size, which is checked
-  by name and size. One leaked copy of a feature per request would be 1.2 MB x requests
-  (360 MB at 300 requests), far past the margin;
+  by name and size. The 10,000-request run grew by at most 1.2 MiB (tokenizer, ranks) and
+  6.1 MiB beyond its cache's growth (workers; docs/reliability.md, "Soak"). One leaked
+  copy of a feature per request would be 1.2 MB x requests (360 MB at 300 requests), far
+  past the margin;
 - the processor cache: every image of the main phase counted once, as a hit or a miss;
   every never-seen image a miss, and at most ``REPEATED`` more misses per worker.
 """
