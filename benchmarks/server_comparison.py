@@ -459,7 +459,8 @@ def _measure(server: RealServer, lag_dir: Path, fwd_dir: Path, regime: str, w: W
     return result
 
 
-_CACHE_LINE = re.compile(rb"processor worker (\d+): processor cache: (\d+) hits, (\d+) misses, "
+_CACHE_LINE = re.compile(rb"processor worker \d+ \(pid (\d+)\): processor cache: (\d+) hits, "
+                         rb"(\d+) misses, "
                          rb"(\d+) evictions, (\d+) bypasses")
 _CACHE_COUNTS = ("hits", "misses", "evictions", "bypasses")
 

@@ -116,7 +116,7 @@ def test_processor_cache_counts_are_per_worker_deltas_of_the_workers_log_lines(t
 
     log = tmp_path / "server.log"
     handler = logging.FileHandler(log)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(index=0)))
     pid = {"now": 0}
 
     def as_worker(record):  # two workers' lines in one file, as in the server log

@@ -1,43 +1,51 @@
-"""A tokenizer process and N scheduler-rank processes (gloo) for the soak and the
-multi-process forged-input tests (never shipped).
+"""A tokenizer process and N scheduler-rank processes (gloo) for the soak, the
+multi-process forged-input and the external-deletion tests (never shipped).
 
 Data path, as in a TP=N sglang server with this project's patch::
 
-    tokenizer process                          every rank: real patched Scheduler.recv_requests
-    TokenizerSide.materialize_request  --ZMQ-->  rank 0: drain, vouch_for_segments
-    TokenizerSide.send (counts consumers)        --sglang broadcast_pyobj (gloo)--> ranks 1..N-1
+    tokenizer process: sglang's real patched TokenizerManager
+    _tokenize_one_request (the processor runs   every rank: real patched Scheduler.recv_requests
+    in the pool's workers, or in the process)
+    TokenizerSide.send (counts consumers) --ZMQ-->  rank 0: drain, vouch_for_segments
+                                                 --sglang broadcast_pyobj (gloo)--> ranks 1..N-1
                                                  every rank: real patched handle_generate_request
                                       <--ZMQ--  rank 0: "done" rids      (take_multimodal_inputs)
 
-Each request runs inside ``TokenizerSide.request_scope()`` as ``generate_request`` does,
-so the creator reference is held until the "response" (the done rid) comes back. Plan
-kinds: ``good``; ``disconnect`` (the scope closes right after the send, as when a client
-goes away, before any rank has mapped the segment); ``n3`` (parallel sampling: one
-tokenized object sent 1 + 3 times); ``forged_nonce``/``forged_name`` (a forged copy that
-no rank may touch, then the genuine one); ``forged_nbytes`` (a forged table for our own
-segment: every rank drops its reference and aborts); ``raw_bad`` (a raw dict sglang's
-``from_dict`` rejects). Files deleted from outside (every file of the shm directory, as
-``rm /dev/shm/*`` does, the creator's lock file included) at one point of a request's
-life: ``rm_before_send`` (materialized, not yet sent), ``rm_between_ranks`` (rank 0 has
-mapped it, the other ranks have not), ``rm_after_mapped`` (every rank mapped it, no rank
-has read the features yet), ``rm_before_scope_exit`` (every rank is done, which rank 0
-waits for before it reports the request done; the creator reference is still held). The
-tokenizer prints ``HELD <rid prefix> <held_bytes>`` after each of these requests' scope
-and every rank prints ``OUTCOME <rid> <outcome>`` for every request, so that a run whose ranks stop on ``SegmentVanishedError`` still shows
-what happened (see ``fatal_ranks`` of :func:`run_harness`).
+Each request carries one JPEG (``IMAGE_SIDE`` square, made from a seed:
+``image_seeds`` of :func:`run_harness`) and runs inside ``tm.mmpre.request_scope()`` as
+``generate_request`` does, so the creator reference is held until the "response" (the
+done rid) comes back. Plan kinds: ``good``; ``disconnect`` (the scope closes right after
+the send, as when a client goes away, before any rank has mapped the request's tensors);
+``n3`` (parallel sampling: one tokenized object sent 1 + 3 times);
+``forged_nonce``/``forged_name`` (a forged copy that no rank may touch, then the genuine
+one); ``forged_nbytes`` (a forged table for our own segment or region: every rank drops
+its reference and aborts); ``raw_bad`` (a raw dict sglang's ``from_dict`` rejects). Files
+deleted from outside (every file of the shm directory, as ``rm /dev/shm/*`` does, the
+creator's lock file included) at one point of a request's life: ``rm_before_send``
+(materialized, not yet sent), ``rm_between_ranks`` (rank 0 has mapped it, the other ranks
+have not), ``rm_after_mapped`` (every rank mapped it, no rank has read the features yet),
+``rm_before_scope_exit`` (every rank is done, which rank 0 waits for before it reports the
+request done; the creator reference is still held). The tokenizer prints ``HELD <rid
+prefix> <held_bytes>`` after each of these requests' scope and every rank prints
+``OUTCOME <rid> <outcome>`` for every request, so that a run whose ranks stop on
+``SegmentVanishedError`` still shows what happened (see ``fatal_ranks`` of
+:func:`run_harness`).
 
-The tokenizer takes slots of a warm region (``region_chunk_bytes``) or, with 0, a segment
-per request. Control messages travel the same path: ``measure`` makes every process record
-its open fds, RSS and mapped segments (after ``gc.collect()`` and, on ranks, once every slot
+Control messages travel the same path: ``measure`` makes every process record its open
+fds, RSS and mapped segments (after ``gc.collect()`` and, on ranks, once every slot
 release queued so far is done; the ranks meet at a barrier first, so every earlier request
-has been handled everywhere), ``stop`` ends the ranks. The region itself is not counted as
-a segment: a process maps it once, for good.
+has been handled everywhere), ``stop`` ends the ranks. The tokenizer process also records
+every region (size, live slots), and for each processor worker its fds, RSS, mapped
+segments, files in the shm directory and processor-cache counters (as its last reply
+carried them, ``ProcessorPool.cache_stats``). A region
+is not counted as a segment: a process maps it once, for good.
 
 usage: soak_harness.py tokenizer|rank RANK CONFIG_JSON
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -48,9 +56,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
+BOOT_DIR = HERE / "support" / "server_boot"
+#: Width and height of every request's image.
+IMAGE_SIDE = 224
 
 __all__ = ["run_harness", "free_port", "process_metrics", "external_rm"]
 
@@ -61,22 +72,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_metrics(shm_dir: str, regions: tuple[str, ...] = ()) -> dict[str, int]:
-    """Open fds, RSS bytes and segments of ``shm_dir`` mapped by this process (the files
-    named in ``regions`` apart)."""
-    gc.collect()
-    fds = len(os.listdir("/proc/self/fd"))
-    rss = 0
-    with open("/proc/self/status") as f:
+def process_metrics(shm_dir: str, regions: tuple[str, ...] = (),
+                    pid: Optional[int] = None) -> dict[str, int]:
+    """Open fds, RSS bytes (``rss``; ``rss_shmem`` of it are pages of shared memory, such
+    as the regions' pages this process touched) and segments of ``shm_dir`` mapped (the
+    files named in ``regions`` apart) of this process (after ``gc.collect()``) or of
+    process ``pid``."""
+    if pid is None:
+        gc.collect()
+    proc = f"/proc/{pid or 'self'}"
+    fds = len(os.listdir(f"{proc}/fd"))
+    status = {}
+    with open(f"{proc}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
+            key, _, value = line.partition(":")
+            status[key] = value.split()
     mapped = 0
-    with open("/proc/self/maps") as f:
+    with open(f"{proc}/maps") as f:
         for line in f:
             if shm_dir in line and not any(r in line for r in regions):
                 mapped += 1
-    return {"pid": os.getpid(), "fds": fds, "rss": rss, "mapped_segments": mapped}
+    return {"pid": pid or os.getpid(), "fds": fds, "rss": int(status["VmRSS"][0]) * 1024,
+            "rss_shmem": int(status["RssShmem"][0]) * 1024, "mapped_segments": mapped}
 
 
 def external_rm(shm_dir: str) -> None:
@@ -111,42 +128,74 @@ def _shm_usage(shm_dir: str, regions: tuple[str, ...] = ()) -> dict[str, int]:
 # tokenizer process
 # --------------------------------------------------------------------------------------
 
+def _pool_state(side: Any, shm_dir: str) -> tuple[dict, list[dict]]:
+    """Every region (the parent's own, and each worker's through the parent's mapping of
+    its slot table) with its size and live slots (refcount > 0), and each processor
+    worker's process metrics, files and cache counters."""
+    regions: dict[str, dict[str, int]] = {}
+    if side.region is not None:
+        regions[side.region.name] = {"bytes": side.region.size,
+                                     "live_slots": side.region.live_slots()}
+    workers: list[dict] = []
+    pool = side.pool
+    if pool is None:
+        return regions, workers
+    cache = pool.cache_stats()  # each worker's counters at its last reply
+    with pool._lock:
+        ledgers = {stem: dict(ledger.regions) for stem, ledger in pool._ledgers.items()}
+    for stem, held in ledgers.items():
+        for name, region in held.items():
+            table = region.attached.table
+            regions[name] = {"bytes": os.stat(region.path).st_size,
+                             "live_slots": sum(1 for i in range(table.slot_count)
+                                               if table.refcount(i) != 0)}
+    for w, stats in zip(pool._workers, cache):
+        own = tuple(ledgers.get(w.stem, ()))
+        files = {n: os.stat(os.path.join(shm_dir, n)).st_size for n in os.listdir(shm_dir)
+                 if n.startswith(f"{w.stem}_") or n == f"{w.stem}.lock"}
+        workers.append({**process_metrics(shm_dir, own, pid=w.process.pid),
+                        "regions": sorted(own), "files": files,
+                        "cache": {} if stats is None else
+                        {"hits": stats.hits, "misses": stats.misses,
+                         "bytes_held": stats.bytes_held}})
+    return regions, workers
+
+
 async def _tokenizer(cfg: dict) -> dict:
     import asyncio
+    import collections
     import copy
     import dataclasses
-    import types
 
-    import torch
     import zmq
     import zmq.asyncio
-    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 
-    from mm_fixtures import qwen2vl_pixels
-    from mm_requests import N_IMAGE_TOKENS, tokenized_request
-    from sglang_mmpre.config import Settings
-    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
+    from mm_requests import tokenized_request
     from sglang_mmpre.transport.carrier import MaterializedMultimodalInputs
+    from tiny_models import (close_tokenizer_manager, image_to_jpeg_bytes, make_image,
+                             make_tiny_qwen2vl, make_tokenizer_manager, tokenize_one)
 
     shm_dir = cfg["shm_dir"]
-    side = TokenizerSide(types.SimpleNamespace(tp_size=cfg["world"], pp_size=1),
-                         Settings(enabled=True, shm_dir=shm_dir, shm_cap_bytes=1 << 34, threads=2,
-                                  region_chunk_bytes=cfg["region_chunk_bytes"]))
-    regions = (side.region.name,) if side.region is not None else ()
+    model_dir = make_tiny_qwen2vl(Path(cfg["out_dir"], "qwen2vl"))
+    tm = make_tokenizer_manager(model_dir, tp_size=cfg["world"])
+    side = tm.mmpre
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(cfg["to_ranks"])
     actx = zmq.asyncio.Context()
     pull = actx.socket(zmq.PULL)
     pull.bind(cfg["to_tokenizer"])
-    pixels, grid = qwen2vl_pixels(224, 224, seed=0)  # one feature, reused by every request
+    seeds = cfg["image_seeds"]
+    repeated = {s for s, n in collections.Counter(seeds).items() if n > 1}
+    jpegs: dict[int, bytes] = {}  # of the repeated images only: a unique one is made once
 
-    def mm_dict() -> dict:
-        item = MultimodalDataItem(modality=Modality.IMAGE, feature=pixels,
-                                  offsets=[(3, 3 + N_IMAGE_TOKENS)],
-                                  model_specific_data={"image_grid_thw": grid})
-        return {"mm_items": [item], "im_token_id": 261, "video_token_id": 262,
-                "mrope_positions": torch.arange(3 * (N_IMAGE_TOKENS + 8)).view(3, -1),
-                "mrope_position_delta": torch.tensor([[-5]])}
+    def image(i: int) -> bytes:
+        seed = seeds[i]
+        data = jpegs.get(seed)
+        if data is None:
+            data = image_to_jpeg_bytes(make_image(IMAGE_SIDE, IMAGE_SIDE, seed))
+            if seed in repeated:
+                jpegs[seed] = data
+        return data
 
     events: dict[str, asyncio.Event] = {}
     acks: dict[str, asyncio.Event] = {}
@@ -170,21 +219,21 @@ async def _tokenizer(cfg: dict) -> dict:
             o.materialized_mm_inputs = m
         return o
 
-    async def one(prefix: str, kind: str, pending: list) -> None:
+    async def one(prefix: str, kind: str, seq: int, pending: list) -> None:
         with side.request_scope():
-            await scoped(prefix, kind, pending)
+            await scoped(prefix, kind, seq, pending)
         if kind.startswith("rm_"):
             out.setdefault("held_after", {})[prefix] = side.held_bytes
             print("HELD", prefix, side.held_bytes, flush=True)
 
-    async def scoped(prefix: str, kind: str, pending: list) -> None:
+    async def scoped(prefix: str, kind: str, seq: int, pending: list) -> None:
         waits = []
         if kind == "raw_bad":
             obj = tokenized_request({"mm_items": "not a list"}, f"{prefix}-0")
             waits.append(expect(obj.rid))
             push.send_pyobj(obj)
         else:
-            obj = await side.materialize_request(tokenized_request(mm_dict(), prefix))
+            obj = await tokenize_one(tm, image_data=[image(seq)], rid=prefix)
             m = obj.materialized_mm_inputs
             if kind in ("forged_nonce", "forged_name"):
                 change = ({"nonce": bytes(16)} if kind == "forged_nonce"
@@ -219,7 +268,7 @@ async def _tokenizer(cfg: dict) -> dict:
         if kind == "rm_before_scope_exit":
             external_rm(shm_dir)
 
-    async def phase(name: str, kinds: list[str]) -> None:
+    async def phase(name: str, kinds: list[str], first: int) -> None:
         # ``window`` clients, each sending its next request once the previous one ended:
         # at most ``window`` requests in flight, and no task per request created up front.
         pending: list = []
@@ -227,7 +276,7 @@ async def _tokenizer(cfg: dict) -> dict:
 
         async def client() -> None:
             for i, kind in todo:
-                await one(f"{name}{i}", kind, pending)
+                await one(f"{name}{i}", kind, first + i, pending)
 
         await asyncio.gather(*(client() for _ in range(cfg["window"])))
         for ev in pending:
@@ -238,17 +287,16 @@ async def _tokenizer(cfg: dict) -> dict:
         acks[tag] = asyncio.Event()
         push.send_pyobj({"ctl": "measure", "tag": tag})
         await acks[tag].wait()
-        region = {"region_bytes": side.region.size, "live_slots": side.region.live_slots()} \
-            if side.region is not None else {"region_bytes": 0, "live_slots": 0}
-        return {**process_metrics(shm_dir, regions), **_shm_usage(shm_dir, regions),
-                "held_bytes": side.held_bytes, **region}
+        regions, workers = _pool_state(side, shm_dir)
+        return {**process_metrics(shm_dir, tuple(regions)), **_shm_usage(shm_dir, tuple(regions)),
+                "held_bytes": side.held_bytes, "regions": regions, "workers": workers}
 
     reader_task = asyncio.ensure_future(reader())
     out: dict[str, Any] = {}
-    await phase("w", ["good"] * cfg["warmup"])
+    await phase("w", ["good"] * cfg["warmup"], 0)
     out["baseline"] = await measure("baseline")
     t0 = time.monotonic()
-    await phase("req", cfg["plan"])
+    await phase("req", cfg["plan"], cfg["warmup"])
     out["seconds"] = time.monotonic() - t0
     out["after"] = await measure("after")
     push.send_pyobj({"ctl": "stop"})
@@ -256,7 +304,7 @@ async def _tokenizer(cfg: dict) -> dict:
     push.close(linger=5000)
     pull.close(linger=0)
     actx.term()
-    side.shutdown()
+    close_tokenizer_manager(tm)  # stops the pool's workers; unlinks every region
     return out
 
 
@@ -365,6 +413,13 @@ def _child_main(role: str, rank: int, cfg_path: str) -> None:
         out = _rank(rank, cfg)
         name = f"rank{rank}.json"
     Path(cfg["out_dir"], name).write_text(json.dumps(out))
+    # Every atexit handler runs; the interpreter's teardown of its modules (a garbage
+    # collection over everything sglang, torch and transformers loaded: up to half a
+    # minute on two busy cores) is skipped. Everything of ours was released above.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,9 +429,18 @@ def _child_main(role: str, rank: int, cfg_path: str) -> None:
 def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmup: int,
                 window: int = 8, timeout_s: float | None = None,
                 fatal_ranks: tuple[int, ...] = (),
-                region_chunk_bytes: int = 64 << 20) -> dict:
-    """Run ``plan`` through a tokenizer process and ``world`` rank processes (requests in
-    slots of a region of ``region_chunk_bytes``, or in segments with 0).
+                region_chunk_bytes: Optional[int] = 64 << 20,
+                processor_workers: Optional[int] = 0,
+                image_seeds: Optional[list[int]] = None) -> dict:
+    """Run ``plan`` through a tokenizer process and ``world`` rank processes.
+
+    The tokenizer process is sglang's real patched ``TokenizerManager`` with a processor
+    pool of ``processor_workers`` (0: none, the tensors are materialized in the tokenizer
+    process; None: the default size, ``SGLANG_MM_PROCESSOR_WORKERS`` unset), each with
+    the default processor cache; requests take slots of regions of ``region_chunk_bytes``
+    (0: a segment per request; None: the default size). Request ``i`` (the warm-up's
+    first) carries one IMAGE_SIDE x IMAGE_SIDE JPEG made from seed ``image_seeds[i]``
+    (default: the same image for every request).
 
     Without ``fatal_ranks``: asserts every exit code is 0 (killing the rest on timeout)
     and returns ``{"tokenizer": ..., "ranks": [...]}`` as the processes reported it.
@@ -391,17 +455,30 @@ def run_harness(out_dir: Path, shm_dir: Path, world: int, plan: list[str], warmu
         "world": world, "port": free_port(), "shm_dir": str(shm_dir), "out_dir": str(out_dir),
         "to_ranks": f"ipc://{ipc_dir}/to_ranks", "to_tokenizer": f"ipc://{ipc_dir}/to_tok",
         "plan": plan, "warmup": warmup, "window": window,
-        "region_chunk_bytes": region_chunk_bytes,
+        "image_seeds": image_seeds or [0] * (warmup + len(plan)),
     }
+    if len(cfg["image_seeds"]) != warmup + len(plan):
+        raise ValueError("image_seeds needs one seed per warm-up and plan request")
     cfg_path = Path(out_dir, "harness.json")
     cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "SGLANG_MM_SHM_DIR": str(shm_dir)}
+    env = {**os.environ, "SGLANG_MM_SHM_DIR": str(shm_dir),
+           # else importing sglang starts a pool of inductor compile workers that nothing
+           # uses, and the process waits for it at exit (see real_server.CPU_ENV)
+           "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           # the processor workers install the GPU-module stand-in at start-up too
+           "PYTHONPATH": os.pathsep.join([str(BOOT_DIR), os.environ.get("PYTHONPATH", "")])}
+    for name, value in (("SGLANG_MM_SHM_REGION_CHUNK_BYTES", region_chunk_bytes),
+                        ("SGLANG_MM_PROCESSOR_WORKERS", processor_workers)):
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
     roles = [("rank", r) for r in range(world)] + [("tokenizer", 0)]
     names = [f"{role}{rank}" for role, rank in roles]
     logs = []
     procs = []
     if timeout_s is None:
-        timeout_s = 300 + 0.2 * (len(plan) + warmup)
+        timeout_s = 300 + 0.5 * (len(plan) + warmup)
     try:
         for role, rank in roles:
             log = open(Path(out_dir, f"{role}{rank}.log"), "wb")

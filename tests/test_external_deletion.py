@@ -12,8 +12,9 @@ directory (the creator's lock file too), as ``rm <dir>/*`` does.
 | after every rank mapped | served everywhere (mappings keep the pages) |
 | before the scope exits | the creator's release finds nothing to unlink; cap back to 0 |
 
-The multi-process cases run a tokenizer process and four gloo rank processes calling the
-real patched ``Scheduler.recv_requests`` and ``handle_generate_request`` (``soak_harness``),
+The multi-process cases run a tokenizer process (sglang's real patched TokenizerManager, its
+processor in that process) and four gloo rank processes calling the real patched
+``Scheduler.recv_requests`` and ``handle_generate_request`` (``soak_harness``),
 with the warm region off (``region_chunk_bytes=0``): one segment per request, whose file a
 deletion reaches at each of those points. ``test_region_deleted_before_a_rank_first_maps_it_
 stops_that_rank`` covers the region.

@@ -51,8 +51,9 @@ logger = logging.getLogger(__name__)
 import_processors("sglang.srt.multimodal.processors")  # once per forkserver (or spawned worker)
 
 
-#: The workers' log lines name their pid (the main job sums each worker's cache counts).
-LOG_FORMAT = "[%(asctime)s] sglang_mmpre processor worker %(process)d: %(message)s"
+#: A worker's log lines (``index`` filled in; the main job sums each worker's cache counts).
+LOG_FORMAT = ("[%(asctime)s] sglang_mmpre processor worker {index} (pid %(process)d): "
+              "%(message)s")
 
 
 def _load_processor(server_args: Any) -> Any:
@@ -165,7 +166,8 @@ def main(conn: Any, spec: Any, index: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT,
+    # The workers share the server's stderr: each line names its worker.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.format(index=index),
                         force=True)  # the imports may have configured the root logger
     try:
         mm_processor, side = _build(spec)
