@@ -145,10 +145,8 @@ def _pool_state(side: Any, shm_dir: str) -> tuple[dict, list[dict]]:
         ledgers = {stem: dict(ledger.regions) for stem, ledger in pool._ledgers.items()}
     for stem, held in ledgers.items():
         for name, region in held.items():
-            table = region.attached.table
             regions[name] = {"bytes": os.stat(region.path).st_size,
-                             "live_slots": sum(1 for i in range(table.slot_count)
-                                               if table.refcount(i) != 0)}
+                             "live_slots": region.attached.table.referenced()}
     for w, stats in zip(pool._workers, cache):
         own = tuple(ledgers.get(w.stem, ()))
         files = {n: os.stat(os.path.join(shm_dir, n)).st_size for n in os.listdir(shm_dir)

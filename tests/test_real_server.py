@@ -136,7 +136,7 @@ def _live_slots(server: RealServer) -> int:
         except MmpreError:  # retired and unlinked meanwhile
             continue
         try:
-            live += sum(1 for i in range(region.slot_count) if region.table.refcount(i) > 0)
+            live += region.table.referenced()
         finally:
             region.close()
     return live

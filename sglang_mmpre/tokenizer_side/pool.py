@@ -363,7 +363,7 @@ class _Worker:
         # Under pool._lock: the jobs routed here, (future, job, queued at), oldest first;
         # whether it runs one; whether its thread may still start it (Note [routing by key]).
         self.queue: "collections.deque[tuple]" = collections.deque()
-        self.busy = False  # (also read by shutdown: Note [pool shutdown])
+        self.busy = False  # set by _take; shutdown kills a busy one (Note [pool shutdown])
         self.serving = True
         self.cache_stats: Any = None  # its processor cache's counters at its last reply
 
@@ -573,8 +573,6 @@ class ProcessorPool:
                 except BaseException as e:  # noqa: BLE001 - _RunInParent, unreadable reply
                     future.set_exception(e)
                     continue
-                finally:
-                    worker.busy = False
                 self._settle(worker, future, reply)
 
     def _take(self, worker: _Worker) -> Any:

@@ -40,8 +40,8 @@ How a job goes through it (Note [processor cache]):
 The cache is private memory of its worker, an LRU bounded by
 ``SGLANG_MM_PROCESSOR_CACHE_BYTES`` (split across the workers; 0 turns it off). The pool
 sends the jobs whose first image is the same to the same worker (Note [routing by key] in
-``pool.py``): such an image is processed once and kept by one worker. A worker killed loses its cache and
-nothing else. A key is a full sha256 computed here from the
+``pool.py``): such an image is processed once and kept by one worker. A worker killed
+loses its cache and nothing else. A key is a full sha256 computed here from the
 bytes; nothing a request sends can name another request's entry.
 """
 

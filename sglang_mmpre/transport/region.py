@@ -161,6 +161,10 @@ class SlotTable:
         """The refcount, read without the lock (only the owner raises it from 0)."""
         return _REFCOUNT.unpack_from(self._map, HEADER_SIZE + ENTRY.size * index + 8)[0]
 
+    def referenced(self) -> int:
+        """How many slots have references left (tests and measurements)."""
+        return sum(1 for i in range(self.slot_count) if self.refcount(i) > 0)
+
     def write(self, index: int, entry: SlotEntry) -> None:
         """Write a whole entry (owner only; inside :meth:`locked`)."""
         ENTRY.pack_into(self._map, HEADER_SIZE + ENTRY.size * index, entry.generation,
