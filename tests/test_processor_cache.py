@@ -47,9 +47,9 @@ class _InWorker:
     loop, off the caller's loop), without the pipe, so that the test can read the
     cache's counters."""
 
-    def __init__(self, mm_processor, capacity: int) -> None:
+    def __init__(self, mm_processor, capacity: int, side) -> None:
         self.local = mm_processor
-        self.cache = ProcessorCache.install(mm_processor, capacity) if capacity else None
+        self.cache = ProcessorCache.install(mm_processor, capacity, side) if capacity else None
 
     async def process_mm_data_async(self, **job):
         def run():
@@ -78,7 +78,7 @@ def worker_side(model_dir, shm_dir, monkeypatch):
         made.append(tm)
         from sglang.srt.managers.async_mm_data_processor import AsyncMMDataProcessor
 
-        worker = _InWorker(tm.mm_data_processor.mm_processor, capacity)
+        worker = _InWorker(tm.mm_data_processor.mm_processor, capacity, tm.mmpre)
         tm.mm_data_processor = AsyncMMDataProcessor(  # as TokenizerSide.processor_pool does
             worker, max_concurrent_calls=tm.server_args.mm_max_concurrent_calls,
             timeout_s=tm.server_args.mm_per_request_timeout)
@@ -109,6 +109,21 @@ def _scheduled(tm, monkeypatch, text, images):
     return input_ids, inputs
 
 
+def _placements(monkeypatch) -> list:
+    """The placements of request features, in order, from now on."""
+    from sglang_mmpre.tokenizer_side.slots import RegionSlots
+
+    placed, place = [], RegionSlots.place
+
+    def spy(self, value):
+        result = place(self, value)
+        placed.append(result)
+        return result
+
+    monkeypatch.setattr(RegionSlots, "place", spy)
+    return placed
+
+
 def _release(*inputs) -> None:
     del inputs
     gc.collect()
@@ -137,7 +152,9 @@ def test_repeated_images_among_new_ones_hit_per_image_and_equal_sglangs_from_dic
     worker_side, model_dir, monkeypatch
 ):
     """A chat's second turn: its first image again, plus a new one, in a data URL and as
-    a base64 string (one item, two encodings of the same bytes: one key)."""
+    a base64 string (one item, two encodings of the same bytes: one key). Its third turn
+    sends both again (as bytes): they are one entry, whose slot the request gets again,
+    with nothing copied."""
     a, b = _jpeg(seed=31), _jpeg(w=640, h=480, seed=32)
     as_url = "data:image/jpeg;base64," + base64.b64encode(a).decode()
     turn2 = [as_url, b]
@@ -146,12 +163,17 @@ def test_repeated_images_among_new_ones_hit_per_image_and_equal_sglangs_from_dic
     legacy = _legacy_inputs(model_dir, monkeypatch, text2, turn2)
     tm = worker_side()
     cache = tm.mm_data_processor.mm_processor.cache
+    placed = _placements(monkeypatch)
     first = _scheduled(tm, monkeypatch, None, [base64.b64encode(a).decode()])
     ids, inputs = _scheduled(tm, monkeypatch, text2, turn2)
     assert (cache.stats.misses, cache.stats.hits, cache.stats.bypasses) == (2, 1, 0)
-    assert ids == legacy[0]
-    assert_equal_inputs(inputs, legacy[1])
-    _release(first, inputs)
+    again = _scheduled(tm, monkeypatch, text2, [a, b])  # both images, in one entry
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bypasses) == (2, 3, 0)
+    assert placed[2].slot is placed[1].slot and placed[2].written == 0
+    for got_ids, got in ((ids, inputs), again):
+        assert got_ids == legacy[0]
+        assert_equal_inputs(got, legacy[1])
+    _release(first, inputs, again)
 
 
 def test_different_images_and_cache_off_equal_sglangs_from_dict(
@@ -172,6 +194,21 @@ def test_different_images_and_cache_off_equal_sglangs_from_dict(
     _release(got_on, got_off)
 
 
+def _only_entry(cache):
+    (entry,) = {id(e): e for e in cache._by_images.values()}.values()
+    return entry
+
+
+def _replace_part(cache, **changes) -> None:
+    """Change the one entry's one image (as a key collision or a corrupted entry would)."""
+    import dataclasses
+
+    entry = _only_entry(cache)
+    changed = dataclasses.replace(entry, parts=(dataclasses.replace(entry.parts[0], **changes),))
+    cache._by_images = {k: changed for k in cache._by_images}
+    cache._by_image = {k: (changed, j) for k, (_, j) in cache._by_image.items()}
+
+
 def test_stale_or_inconsistent_entry_is_not_used_and_the_request_equals_sglangs(
     worker_side, model_dir, monkeypatch
 ):
@@ -184,43 +221,68 @@ def test_stale_or_inconsistent_entry_is_not_used_and_the_request_equals_sglangs(
     tm = worker_side()
     cache = tm.mm_data_processor.mm_processor.cache
     first = _scheduled(tm, monkeypatch, None, [image])
-    (entry,) = cache._entries.values()
-    entry.size = (entry.size[0] + 28, entry.size[1])
+    size = _only_entry(cache).parts[0].size
+    _replace_part(cache, size=(size[0] + 28, size[1]))
     second = _scheduled(tm, monkeypatch, None, [image])
     assert (cache.stats.misses, cache.stats.hits, cache.stats.mismatches) == (2, 0, 1)
-    (entry,) = cache._entries.values()
-    entry.per_row["pixel_values"] = entry.per_row["pixel_values"][:-4]
+    grid = _only_entry(cache).parts[0].grid
+    _replace_part(cache, grid=grid + torch.tensor([[0, 2, 0]], dtype=grid.dtype))
     third = _scheduled(tm, monkeypatch, None, [image])
     assert (cache.stats.hits, cache.stats.bypasses) == (0, 1)
-    for ids, inputs in (first, second, third):
+    assert cache.snapshot().entries == 0, "the inconsistent entry was not dropped"
+    rest = [_scheduled(tm, monkeypatch, None, [image]) for _ in range(2)]
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bypasses) == (3, 1, 1)
+    for ids, inputs in (first, second, third, *rest):
         assert ids == legacy[0]
         assert_equal_inputs(inputs, legacy[1])
-    _release(first, second, third)
+    _release(first, second, third, rest)
 
 
-def test_entry_written_in_place_is_dropped_and_the_request_equals_sglangs(
+def test_a_hit_of_every_image_is_its_slot_again_and_a_write_to_it_stays_in_that_request(
     worker_side, model_dir, monkeypatch
 ):
-    """A one-image entry shares its storage with the miss's output (no copy): an in-place
-    write to it (as a request writing to its feature would do) fails the next hit's
-    check; that job runs without the cache, the entry is dropped, and the next request
-    stores and then hits a fresh one. Every request is what sglang builds."""
+    """Note [kept slots]: the cached rows are the slot the first request was sent in. A
+    request whose images are all one entry's gets that slot again, with nothing copied and
+    nothing hashed; when sglang's code writes into such a feature (simulated here, between
+    the processor and the placement), that request is built from what it wrote, and the
+    slot, hence the next hit, still holds the processor's rows."""
+    from sglang_mmpre.tokenizer_side import slots as slots_module
+    from sglang_mmpre.tokenizer_side.slots import RegionSlots, _copy_and_hash, _hash_rest
+
     image = _jpeg(w=640, h=480, seed=82)
     legacy = _legacy_inputs(model_dir, monkeypatch, None, [image])
     tm = worker_side()
     cache = tm.mm_data_processor.mm_processor.cache
+    passes, write = [], []
+    place = RegionSlots.place
+
+    def writing(self, value):
+        if write:
+            value.add_(1.0)  # as sglang's code would write into its feature
+        return place(self, value)
+
+    monkeypatch.setattr(RegionSlots, "place", writing)
+    placed = _placements(monkeypatch)
+    monkeypatch.setattr(slots_module, "_hash_rest", lambda *a: passes.append(1) or _hash_rest(*a))
+    monkeypatch.setattr(slots_module, "_copy_and_hash",
+                        lambda *a: passes.append(1) or _copy_and_hash(*a))
     got = [_scheduled(tm, monkeypatch, None, [image])]
-    (entry,) = cache._entries.values()
-    entry.per_row["pixel_values"].add_(1.0)
+    _release()
+    passes.clear()
     got.append(_scheduled(tm, monkeypatch, None, [image]))
-    assert (cache.stats.hits, cache.stats.bypasses) == (0, 1)
-    assert entry not in cache._entries.values()
-    got += [_scheduled(tm, monkeypatch, None, [image]) for _ in range(2)]
-    assert (cache.stats.hits, cache.stats.bypasses) == (1, 1)
+    assert (cache.stats.misses, cache.stats.hits) == (1, 1)
+    assert placed[1].slot is placed[0].slot and placed[1].written == 0 and passes == []
+    write.append(True)
+    ids, written = _scheduled(tm, monkeypatch, None, [image])
+    write.clear()
+    assert placed[2].slot is not placed[0].slot and placed[2].written > 0
+    assert torch.equal(written.mm_items[0].feature, legacy[1].mm_items[0].feature + 1.0)
+    got.append(_scheduled(tm, monkeypatch, None, [image]))
+    assert placed[3].slot is placed[0].slot and cache.stats.hits == 3
     for ids, inputs in got:
         assert ids == legacy[0]
         assert_equal_inputs(inputs, legacy[1])
-    _release(got)
+    _release(got, written)
 
 
 def test_key_covers_the_image_processors_configuration(model_dir, shm_dir, monkeypatch):
@@ -266,24 +328,31 @@ def test_image_processor_per_image_calls_concatenated_equal_one_batched_call(mod
         assert torch.equal(torch.cat([s[name] for s in single]), batched[name]), name
 
 
-def test_eviction_keeps_the_cache_within_its_bytes(worker_side, model_dir, monkeypatch):
-    tm = worker_side(capacity=1)  # smaller than any entry: nothing is kept
+def test_cache_keeps_unreferenced_slots_within_its_bytes_least_recently_used_first(
+    worker_side, model_dir, monkeypatch
+):
+    """Room for one and a half 320x240 entries: images 62, 63, 62 (a hit, which makes 62
+    the most recently used), 64 (63 goes, the least recently used), 62 (a hit), 63 (a
+    miss again). Every request is what sglang builds."""
+    tm = worker_side()
     cache = tm.mm_data_processor.mm_processor.cache
-    image = _jpeg(w=320, h=240, seed=61)
-    got = [_scheduled(tm, monkeypatch, None, [image]) for _ in range(2)]
-    assert (cache.stats.misses, cache.stats.hits, cache.stats.bytes_held) == (2, 0, 0)
-    one = cache.snapshot()
-    big = worker_side(capacity=1 << 30)
-    _scheduled(big, monkeypatch, None, [image])
-    entry_bytes = big.mm_data_processor.mm_processor.cache.stats.bytes_held
-    assert entry_bytes > 0 and one.entries == 0
-    two = worker_side(capacity=entry_bytes * 3 // 2)  # room for one 320x240 entry
-    c2 = two.mm_data_processor.mm_processor.cache
-    for seed in (62, 63, 62):
-        _scheduled(two, monkeypatch, None, [_jpeg(w=320, h=240, seed=seed)])
-    assert (c2.stats.misses, c2.stats.hits, c2.stats.evictions) == (3, 0, 2)
-    assert c2.stats.bytes_held <= c2.capacity
-    _release(got)
+    images = {seed: _jpeg(w=320, h=240, seed=seed) for seed in (62, 63, 64)}
+    legacy = {seed: _legacy_inputs(model_dir, monkeypatch, None, [im])
+              for seed, im in images.items()}
+
+    def check(seed: int) -> None:  # the ranks' views go before the next request
+        ids, inputs = _scheduled(tm, monkeypatch, None, [images[seed]])
+        assert ids == legacy[seed][0]
+        assert_equal_inputs(inputs, legacy[seed][1])
+        _release(inputs)
+
+    check(62)
+    tm.mmpre.region.keep_bytes = cache.snapshot().bytes_held * 3 // 2
+    for seed in (63, 62, 64, 62, 63):
+        check(seed)
+    stats = cache.snapshot()
+    assert (stats.misses, stats.hits) == (4, 2)
+    assert stats.evictions >= 1
 
 
 def test_pooled_worker_with_cache_equals_sglangs_from_dict_for_a_repeated_image(
@@ -298,42 +367,6 @@ def test_pooled_worker_with_cache_equals_sglangs_from_dict_for_a_repeated_image(
         assert ids == legacy_ids
         assert_equal_inputs(inputs, legacy_inputs)
     _release(got)
-
-
-def test_remembered_digest_of_a_pinned_tensor_finds_its_slot_and_is_forgotten_on_a_write(
-    shm_dir
-):
-    """Note [remembered digests]: the second placement of a pinned feature reuses its slot
-    without hashing; an in-place write makes the next placement hash (and copy) again."""
-    import hashlib
-
-    from mm_fixtures import shm_settings
-    from sglang_mmpre.tokenizer_side.hashing import pin_immutable, remembered_digests
-    from sglang_mmpre.tokenizer_side.manager import TokenizerSide
-    import types
-
-    side = TokenizerSide(types.SimpleNamespace(tp_size=1, pp_size=1),
-                         shm_settings(shm_dir, region_chunk_bytes=16 << 20))
-    try:
-        slots = side.region
-        feature = torch.arange(2048 * 1176, dtype=torch.float32).view(2048, 1176)
-        pin_immutable(feature)
-        first = slots.place(feature)  # a new slot: hashed while copied, and remembered
-        assert first.written > 0
-        assert remembered_digests(feature)[1] == first.digest == hashlib.sha256(
-            feature.numpy().tobytes()).digest()
-        second = slots.place(feature)
-        assert second.slot is first.slot and second.written == 0
-        third = slots.place(feature)
-        assert third.slot is first.slot and third.digest == first.digest
-        feature[0, 0] = -1.0
-        assert remembered_digests(feature) is None
-        fourth = slots.place(feature)
-        assert fourth.slot is not first.slot and fourth.written > 0
-        assert fourth.digest == hashlib.sha256(feature.numpy().tobytes()).digest()
-        slots.adjust([p.slot.ref() for p in (first, second, third, fourth)], -1)
-    finally:
-        side.shutdown()
 
 
 def test_media_bytes_are_what_sglangs_load_image_decodes(tmp_path):

@@ -230,6 +230,123 @@ def test_revived_slot_gets_a_new_generation_and_the_old_reference_is_refused(sid
     _served(run_ranks(again, TP))
 
 
+# --- kept slots: what the processor cache is built on (Note [kept slots] in slots.py) -----
+
+def _kept_region(shm_dir, keep_bytes: int, chunk: int = 16 << 20, cap: int = 1 << 34):
+    """A region keeping ``keep_bytes`` of unreferenced slots, as the processor cache sets
+    it up; the list the slots it frees are appended to."""
+    side = TokenizerSide(types.SimpleNamespace(tp_size=1, pp_size=1),
+                         shm_settings(shm_dir, cap=cap, region_chunk_bytes=chunk))
+    reclaimed = []
+    side.region.keep_bytes = keep_bytes
+    side.region.observer = types.SimpleNamespace(placed=lambda leaf, slot: None,
+                                                 reclaimed=reclaimed.append)
+    return side, reclaimed
+
+
+def _placed_and_released(region, seed: int, rows: int = 1024):
+    feature = torch.randn(rows, 1176, generator=torch.Generator().manual_seed(seed))
+    placed = region.place(feature)
+    region.adjust([placed.slot.ref()], -1)  # as after its request: refcount 0, bytes kept
+    return feature, placed
+
+
+def test_kept_view_is_placed_again_without_a_pass_and_a_write_to_it_never_reaches_the_slot(
+    shm_dir, monkeypatch
+):
+    """A whole-slot kept view goes back into its own slot with no copy and no sha256 (the
+    item hash is the slot's); a write through another view stays in that view (copy-on-
+    write): the slot's bytes are unchanged, and that view's placement hashes and copies
+    what it now holds."""
+    import hashlib
+
+    from sglang_mmpre.tokenizer_side import slots as slots_module
+    from sglang_mmpre.tokenizer_side.slots import _copy_and_hash, _hash_rest
+
+    side, _ = _kept_region(shm_dir, keep_bytes=64 << 20)
+    try:
+        region = side.region
+        feature, first = _placed_and_released(region, seed=1)
+        slot = first.slot
+        passes = []
+        monkeypatch.setattr(slots_module, "_hash_rest",
+                            lambda *a: passes.append("hash") or _hash_rest(*a))
+        monkeypatch.setattr(slots_module, "_copy_and_hash",
+                            lambda *a: passes.append("copy") or _copy_and_hash(*a))
+        view = region.kept_view(slot, 0, slot.nbytes, feature.dtype, tuple(feature.shape))
+        assert torch.equal(view, feature)
+        again = region.place(view)
+        assert (again.slot, again.written, again.digest, passes) == (slot, 0, first.digest, [])
+        assert region.table.refcount(slot.index) == 1
+        region.adjust([again.slot.ref()], -1)
+        written = region.kept_view(slot, 0, slot.nbytes, feature.dtype, tuple(feature.shape))
+        written.add_(1.0)
+        assert torch.equal(torch.from_numpy(region.view(slot)).view(torch.float32).view(
+            feature.shape), feature), "a write through a kept view reached the slot"
+        assert torch.equal(region.kept_view(slot, 0, slot.nbytes, feature.dtype,
+                                            tuple(feature.shape)), feature)
+        other = region.place(written)
+        assert other.slot is not slot and other.written > 0 and "copy" in passes
+        assert other.digest == hashlib.sha256(written.numpy().tobytes()).digest()
+        region.adjust([other.slot.ref()], -1)
+    finally:
+        side.shutdown()
+
+
+def test_unreferenced_slots_are_kept_within_keep_bytes_least_recently_used_first(shm_dir):
+    """With room for two kept slots: A, B, C placed and released, B viewed (used), then D
+    and E placed: A (least recently used) goes at D, C at E; B stays. The observer hears
+    of each slot freed."""
+    import gc
+
+    from sglang_mmpre.transport.region import extent
+
+    one = extent(1024 * 1176 * 4)
+    side, reclaimed = _kept_region(shm_dir, keep_bytes=2 * one)
+    try:
+        region = side.region
+        (_, a), (_, b), (_, c) = (_placed_and_released(region, s) for s in (1, 2, 3))
+        assert reclaimed == []
+        view = region.kept_view(b.slot, 0, b.slot.nbytes, torch.float32, (1024, 1176))
+        del view
+        gc.collect()
+        _placed_and_released(region, 4)
+        assert reclaimed == [a.slot]
+        _placed_and_released(region, 5)
+        assert reclaimed == [a.slot, c.slot]
+        assert region.kept_view(a.slot, 0, 4, torch.uint8, (4,)) is None
+        assert region.kept_view(b.slot, 0, 4, torch.uint8, (4,)) is not None
+    finally:
+        side.shutdown()
+
+
+def test_kept_slots_never_free_a_referenced_or_pinned_slot_and_give_way_when_full(shm_dir):
+    """One 16 MiB chunk and a cap of one chunk: a slot a request references, or one a
+    kept view pins, survives any allocation; unreferenced ones are freed, least recently
+    used first, when a new slot would not fit (the cache shrinks before a request falls
+    back to a segment), and only when nothing else can go is the region full."""
+    from sglang_mmpre.tokenizer_side.slots import RegionFull
+
+    side, reclaimed = _kept_region(shm_dir, keep_bytes=1 << 40, cap=16 << 20)
+    try:
+        region = side.region
+        held = region.place(torch.full((1024, 1176), 1.0))  # its request still holds it
+        _, pinned = _placed_and_released(region, 2)
+        view = region.kept_view(pinned.slot, 0, 16, torch.float32, (4,))
+        _, kept = _placed_and_released(region, 3)
+        assert reclaimed == []  # 3 slots of 4.8 MB fit in 16 MiB
+        fourth = region.place(torch.full((1024, 1176), 4.0))
+        assert reclaimed == [kept.slot]
+        with pytest.raises(RegionFull):
+            region.place(torch.full((1024, 1176), 5.0))
+        assert reclaimed == [kept.slot]
+        assert torch.equal(view, torch.from_numpy(region.view(pinned.slot)[:16]).view(torch.float32))
+        assert region.table.refcount(held.slot.index) == 1
+        region.adjust([held.slot.ref(), fourth.slot.ref()], -1)
+    finally:
+        side.shutdown()
+
+
 # --- stale and forged slot references: one abort on every rank, references dropped if ours --
 
 def _set_region(req, **changes) -> None:

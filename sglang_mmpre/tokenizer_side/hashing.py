@@ -11,15 +11,12 @@ Inputs outside the cases below go to sglang's own ``hash_feature``.
 from __future__ import annotations
 
 import hashlib
-import threading
-import weakref
 from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["feature_hash", "digest_to_hash", "fast_path_leaves", "pin_immutable",
-           "remembered_digests", "remember_digests"]
+__all__ = ["feature_hash", "digest_to_hash", "fast_path_leaves"]
 
 _BF16_CHUNK = 1 << 22  # elements widened to fp32 at a time
 
@@ -87,48 +84,3 @@ def feature_hash(f: Any) -> int:
     from sglang.srt.managers.mm_utils import hash_feature
 
     return hash_feature(f)
-
-
-# Note [remembered digests]: the processor cache (``processor_cache.py``) hands the same
-# feature tensor to every request that repeats an image. It pins that tensor here as
-# never written again; ``RegionSlots.place`` then remembers its sha256 (and that of its
-# first MiB, the slot lookup key) the first time it hashes it, and later placements of the
-# same tensor object skip the pass over its bytes. A pinned tensor whose ``_version``
-# changed (an in-place write) is forgotten and hashed again.
-_pinned: dict[int, tuple["weakref.ref", int, Optional[tuple[bytes, bytes]]]] = {}
-_pinned_lock = threading.Lock()
-
-
-def pin_immutable(t: torch.Tensor) -> None:
-    """Mark ``t`` as never written again; see Note [remembered digests]."""
-    key = id(t)
-
-    def forget(_ref, key=key) -> None:
-        with _pinned_lock:
-            entry = _pinned.get(key)
-            if entry is not None and entry[0] is _ref:
-                del _pinned[key]
-
-    with _pinned_lock:
-        _pinned[key] = (weakref.ref(t, forget), t._version, None)
-
-
-def remembered_digests(t: Any) -> Optional[tuple[bytes, bytes]]:
-    """(sha256 of the first MiB, sha256 of all bytes) of a pinned tensor, if known."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    with _pinned_lock:
-        entry = _pinned.get(id(t))
-    if entry is None or entry[0]() is not t or entry[1] != t._version:
-        return None
-    return entry[2]
-
-
-def remember_digests(t: Any, prefix: bytes, digest: bytes) -> None:
-    """Remember ``t``'s digests if it is pinned and unwritten since; else nothing."""
-    if not isinstance(t, torch.Tensor):
-        return
-    with _pinned_lock:
-        entry = _pinned.get(id(t))
-        if entry is not None and entry[0]() is t and entry[1] == t._version:
-            _pinned[id(t)] = (entry[0], entry[1], (prefix, digest))

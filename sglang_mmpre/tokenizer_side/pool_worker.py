@@ -119,7 +119,7 @@ def _process(loop: Any, mm_processor: Any, cache: Optional[ProcessorCache], job:
 def _serve(conn: Any, mm_processor: Any, side: Any) -> None:
     loop = asyncio.new_event_loop()
     pending = None  # the creator reference of the last reply, until the parent's next word
-    cache = ProcessorCache.install(mm_processor, side.settings.processor_cache_bytes)
+    cache = ProcessorCache.install(mm_processor, side.settings.processor_cache_bytes, side)
     if cache is not None:
         logger.info("processor cache of %.0f MiB", cache.capacity / 2**20)
     while True:

@@ -26,23 +26,28 @@ How a job goes through it (Note [processor cache]):
    outputs are concatenated in the request's order. That equals the one batched call bit
    for bit, because the Qwen2-VL image processor handles each image on its own
    (``tests/test_processor_cache.py`` checks it).
-3. A request of one cached image gets the cached tensor itself as its feature: the slot
-   that holds it is found again by its remembered sha256, with no pass over its bytes
-   (Note [remembered digests] in ``hashing.py``); the item hash and ``pad_value`` are
-   those of the first request. Several images are concatenated, hashed and copied as on
-   a miss.
+3. The cached rows are not copies of their own: they are the region slot the request
+   that made them was sent in (``slots.py``, Note [kept slots]). An entry is that slot
+   and the per-image values (each image's rows in it, its ``image_grid_thw`` row, its
+   size). A hit maps its rows copy-on-write (:meth:`RegionSlots.kept_view`); when every
+   image of the request is in one entry, in order (the same image again, a chat turn
+   re-sending the same images), that view of the whole slot is the feature, and
+   ``place`` takes the slot again: no copy and no hash, the item hash and ``pad_value``
+   are the slot's. Otherwise the rows are concatenated, hashed and copied as on a miss.
 4. Every hit is checked: the image's size (read from its header, no decode) must be the
    cached one, and the cached rows must be ``t*h*w`` of the cached grid (so the tokens
    sglang expands match the features). A failed check, or a call the cache can't serve
    (other keyword arguments, videos, an unexpected image list), raises
    :class:`CacheBypass`; the worker runs the job again without the cache and counts it.
 
-The cache is private memory of its worker, an LRU bounded by
-``SGLANG_MM_PROCESSOR_CACHE_BYTES`` (split across the workers; 0 turns it off). The pool
-sends the jobs whose first image is the same to the same worker (Note [routing by key] in
-``pool.py``): such an image is processed once and kept by one worker. A worker killed
-loses its cache and nothing else. A key is a full sha256 computed here from the
-bytes; nothing a request sends can name another request's entry.
+The bytes live in the worker's region, in slots no request references, least recently
+used first, within ``SGLANG_MM_PROCESSOR_CACHE_BYTES`` (split across the workers, at most
+half of a worker's share of the cap; 0 turns the cache off); when the region is full the
+cache shrinks before a request takes a segment. A slot a request or a rank holds is never
+freed, and the cache holds no reference of its own, so a worker killed loses its cache
+and nothing else. The pool sends the jobs whose first image is the same to the same
+worker (Note [routing by key] in ``pool.py``). A key is a full sha256 computed here from
+the bytes; nothing a request sends can name another request's entry.
 """
 
 from __future__ import annotations
@@ -53,15 +58,13 @@ import os
 import logging
 import threading
 import time
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Optional
 
 import numpy as np
 import torch
-
-from sglang_mmpre.tokenizer_side.hashing import pin_immutable
 
 __all__ = ["ProcessorCache", "CacheBypass", "CacheStats", "fingerprint", "media_bytes",
            "LOG_INTERVAL_S"]
@@ -103,18 +106,33 @@ def media_bytes(item: Any) -> Optional[bytes]:
         return None
 
 
-@dataclass
-class _Entry:
-    """One image's outputs: per-image values (one row each, e.g. ``image_grid_thw``) and
-    per-patch values (``t*h*w`` rows, e.g. ``pixel_values``), in the output's key order."""
+@dataclass(frozen=True)
+class _Part:
+    """One image of an entry: its key (None: not keyed), size, rows and grid row."""
 
-    names: tuple[str, ...]
-    per_image: dict[str, Any]
-    per_row: dict[str, Any]
-    size: tuple[int, int]
-    call: str  # the preprocess keyword arguments it was made with
-    nbytes: int
-    versions: tuple[int, ...] = ()  # the per-patch tensors' ``_version`` when stored
+    key: Optional[bytes]
+    size: Optional[tuple[int, int]]
+    first_row: int
+    rows: int
+    grid: torch.Tensor  # its image_grid_thw row, shape (1, 3)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """The rows of the images of one request, as they lie in the region slot it was sent
+    in (``dtype`` and ``shape``: the feature's; ``call``: the preprocess keyword
+    arguments it was made with)."""
+
+    slot: Any
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    parts: tuple[_Part, ...]
+    call: str
+
+    def rows_of(self, part: _Part) -> tuple[int, int]:
+        """Byte offset and length of ``part``'s rows in the slot."""
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        return part.first_row * row, part.rows * row
 
 
 @dataclass
@@ -123,59 +141,37 @@ class CacheStats:
 
     hits: int = 0
     misses: int = 0
-    evictions: int = 0
+    evictions: int = 0  # entries whose slot's space was reused
     bypasses: int = 0  # jobs run again without the cache (a failed check)
     mismatches: int = 0  # entries of an equal key but another image size, not used
     entries: int = 0
-    bytes_held: int = 0
+    bytes_held: int = 0  # bytes of the slots entries name (referenced by requests or not)
 
 
 @dataclass
 class _Job:
     keys: list[Optional[bytes]]  # per image item of the job, in order (None: uncached)
     sizes: list[Optional[tuple[int, int]]]
-    hits: dict[int, _Entry] = field(default_factory=dict)  # item index -> its entry
-
-
-def _nbytes(v: Any) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size()
-    return int(getattr(v, "nbytes", 0))
-
-
-def _cat(parts: list) -> Any:
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, dim=0)
-    return np.concatenate(parts, axis=0)
-
-
-def _own(v: Any) -> Any:
-    """A copy that shares no storage with a request's tensor (nothing a request does to
-    its tensors reaches the cache; a hit of one image hands out the cached tensor itself,
-    which ``materialize`` only reads)."""
-    return v.clone() if isinstance(v, torch.Tensor) else np.array(v, copy=True)
-
-
-def _rows(v: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a per-patch output. All of a tensor's rows (one image) are
-    kept as a view, not copied: a fresh 18 MB copy per miss cost more than the cache saved
-    on unique images. The miss's request shares that storage, so an in-place write to it
-    (which bumps the shared ``_version``) makes the entry fail its check (``_consistent``)."""
-    if isinstance(v, torch.Tensor) and start == 0 and stop == v.shape[0]:
-        return v[start:stop]
-    return _own(v[start:stop])
+    hits: dict[int, tuple[_Entry, int]] = field(default_factory=dict)  # item -> part
+    views: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> its rows
+    whole: Optional[torch.Tensor] = None  # the one entry's whole slot, all items hit
 
 
 class ProcessorCache:
-    """The cache of one worker; see the module docstring and Note [processor cache]."""
+    """The cache of one worker; see the module docstring and Note [processor cache].
 
-    def __init__(self, capacity_bytes: int, fingerprint: bytes) -> None:
+    ``side`` is the worker's ``TokenizerSide``: the cache keeps its entries in the slots
+    of ``side.region`` (no region, no cache)."""
+
+    def __init__(self, capacity_bytes: int, fingerprint: bytes, side: Any = None) -> None:
         self.capacity = capacity_bytes
         self.fingerprint = fingerprint
         self.stats = CacheStats()
-        self._entries: "OrderedDict[bytes, _Entry]" = OrderedDict()
+        self._side = side
+        self._region: Any = None
+        self._by_images: dict[tuple[bytes, ...], _Entry] = {}  # every image of an entry
+        self._by_image: dict[bytes, tuple[_Entry, int]] = {}  # one image: entry, part
+        self._pending: dict[int, tuple[Any, tuple[_Part, ...], str]] = {}  # id(feature)
         self._lock = threading.Lock()
         self._job: Optional[_Job] = None
         self._inner: Any = None
@@ -183,22 +179,26 @@ class ProcessorCache:
 
     # -- set-up ------------------------------------------------------------------------
     @classmethod
-    def install(cls, mm_processor: Any, capacity_bytes: int) -> Optional["ProcessorCache"]:
+    def install(cls, mm_processor: Any, capacity_bytes: int,
+                side: Any) -> Optional["ProcessorCache"]:
         """A cache wrapped around ``mm_processor``'s image processor (once per processor
-        object), or None when the capacity is 0 or :func:`fingerprint` finds no key.
+        object), or None when the capacity is 0, ``side`` has no region, or
+        :func:`fingerprint` finds no key. Its capacity is at most half of ``side``'s cap.
 
         The image processor's class is replaced by a subclass of the same name whose
         ``preprocess`` is the cache's (``isinstance``, which sglang checks to pick the
         fast processor's device, still holds; nothing is added to its configuration)."""
         fp = fingerprint(mm_processor)
-        if capacity_bytes <= 0 or fp is None:
+        capacity_bytes = min(capacity_bytes, side.settings.shm_cap_bytes // 2)
+        if capacity_bytes <= 0 or fp is None or side.region is None:
             return None
         image_processor = mm_processor._processor.image_processor
         base = type(image_processor)
         if getattr(base, "_sglang_mmpre_cached", False):
             raise RuntimeError("this processor has a processor cache already")
-        cache = cls(capacity_bytes, fp)
+        cache = cls(capacity_bytes, fp, side)
         cache._inner = functools.partial(base.preprocess, image_processor)
+        cache._attach(side.region)
 
         def preprocess(self: Any, images: Any, *args: Any, **kwargs: Any) -> Any:
             return cache._preprocess(images, *args, **kwargs)
@@ -207,6 +207,19 @@ class ProcessorCache:
             "preprocess": preprocess, "_sglang_mmpre_cached": True,
             "__module__": base.__module__, "__qualname__": base.__qualname__})
         return cache
+
+    def _attach(self, region: Any) -> None:
+        """Keep entries in ``region`` (a new one replaced a region deleted from outside:
+        the old one's entries are forgotten)."""
+        if region is self._region:
+            return
+        with self._lock:
+            self._by_images.clear()
+            self._by_image.clear()
+        self._region = region
+        if region is not None:
+            region.keep_bytes = self.capacity
+            region.observer = self
 
     def key(self, data: bytes) -> bytes:
         """The full sha256 of this worker's fingerprint and ``data``."""
@@ -217,19 +230,20 @@ class ProcessorCache:
     # -- one job -----------------------------------------------------------------------
     def prepare(self, job: dict) -> dict:
         """The job to run: ``job`` with each cached image replaced by a placeholder that
-        names its key (``job`` itself is left as it was, for :class:`CacheBypass`)."""
+        names its key (``job`` itself is left as it was, for :class:`CacheBypass`). The
+        hits' rows are mapped (and their slots pinned) until the job is finished."""
         from PIL import Image
 
+        self._attach(self._side.region)
         items = job.get("image_data")
         request = job.get("request_obj")
-        if not isinstance(items, list) or not items or getattr(request, "video_data", None):
+        if self._region is None or not isinstance(items, list) or not items \
+                or getattr(request, "video_data", None):
             self._job = None
             return job
         keys: list[Optional[bytes]] = []
         sizes: list[Optional[tuple[int, int]]] = []
-        replaced = list(items)
-        state = _Job(keys, sizes)
-        for i, item in enumerate(items):
+        for item in items:
             data = media_bytes(item)
             key = size = None
             if data is not None:
@@ -240,20 +254,37 @@ class ProcessorCache:
                     pass
             keys.append(key)
             sizes.append(size)
-            with self._lock:
-                entry = self._entries.get(key) if key is not None else None
-                if entry is not None:
-                    self._entries.move_to_end(key)
-            if entry is not None and entry.size != size:
+        state = self._job = _Job(keys, sizes)
+        with self._lock:
+            whole = self._by_images.get(tuple(keys)) if all(keys) else None
+            found = {i: self._by_image.get(k) for i, k in enumerate(keys) if k is not None}
+        if whole is not None and all(p.size == size for p, size in zip(whole.parts, sizes)):
+            view = self._region.kept_view(whole.slot, 0, whole.slot.nbytes, whole.dtype,
+                                          whole.shape)
+            if view is not None:
+                state.whole = view
+                state.hits = {i: (whole, i) for i in range(len(keys))}
+        for i, hit in found.items() if state.whole is None else ():
+            if hit is None:
+                continue
+            entry, j = hit
+            if entry.parts[j].size != sizes[i]:
                 with self._lock:
                     self.stats.mismatches += 1  # processed as a miss, which replaces it
-            elif entry is not None:
-                placeholder = Image.new("RGB", (1, 1))
-                placeholder.info[_KEY_INFO] = key
-                replaced[i] = placeholder
-                state.hits[i] = entry
-        self._job = state
-        return dict(job, image_data=replaced) if state.hits else job
+                continue
+            start, nbytes = entry.rows_of(entry.parts[j])
+            view = self._region.kept_view(entry.slot, start, nbytes, entry.dtype,
+                                          (entry.parts[j].rows, *entry.shape[1:]))
+            if view is not None:
+                state.hits[i], state.views[i] = hit, view
+        if not state.hits:
+            return job
+        replaced = list(items)
+        for i in state.hits:
+            placeholder = Image.new("RGB", (1, 1))
+            placeholder.info[_KEY_INFO] = keys[i]
+            replaced[i] = placeholder
+        return dict(job, image_data=replaced)
 
     def finish(self, outcome: str) -> None:
         """Count the job by its ``outcome`` ("served" through the cache, "bypassed":
@@ -281,7 +312,11 @@ class ProcessorCache:
 
     def snapshot(self) -> CacheStats:
         with self._lock:
-            return CacheStats(**vars(self.stats))
+            entries = {id(e): e for e in self._by_images.values()}
+            entries.update((id(e), e) for e, _ in self._by_image.values())
+            slots = {id(e.slot): e.slot.nbytes for e in entries.values()}
+            return CacheStats(**dict(vars(self.stats), entries=len(entries),
+                                     bytes_held=sum(slots.values())))
 
     # -- the image processor's preprocess --------------------------------------------------
     def _preprocess(self, images: Any, *args: Any, **kwargs: Any) -> Any:
@@ -292,106 +327,116 @@ class ProcessorCache:
                 raise CacheBypass("a call the cache can't serve")
             return self._inner(images, *args, **kwargs)
         call = repr(sorted(kwargs.items()))
-        misses = [i for i in range(len(images)) if i not in job.hits]
-        for i in job.hits:
+        for i, (entry, j) in job.hits.items():
             if i >= len(images) or getattr(images[i], "info", {}).get(_KEY_INFO) != job.keys[i]:
                 raise CacheBypass("a placeholder is not where its item was")
+            if entry.call != call or not _consistent(entry.parts[j]):
+                self._forget(entry)
+                raise CacheBypass("a cached entry fails its checks")
+        misses = [i for i in range(len(images)) if i not in job.hits]
         out = self._inner([images[i] for i in misses], *args, **kwargs) if misses else None
-        if not job.hits:
-            self._store(out, misses, job, call)
+        fresh = _per_image(out, len(misses)) if out is not None else []
+        if fresh is None:  # outputs this cache does not split
+            if job.hits:
+                raise CacheBypass("outputs the cache can't split per image")
+            return out
+        rows, grids = [], []
+        for i in range(len(images)):
+            if i in job.hits:
+                entry, j = job.hits[i]
+                rows.append(job.views.get(i))
+                grids.append(entry.parts[j].grid)
+            else:
+                rows.append(fresh[misses.index(i)][0])
+                grids.append(fresh[misses.index(i)][1])
+        if job.whole is not None:
+            pixel_values = job.whole
+        elif not job.hits:
+            pixel_values = out["pixel_values"]
+        else:
+            if len({(r.dtype, r.shape[1:]) for r in rows}) != 1:
+                raise CacheBypass("cached rows unlike the new ones")
+            pixel_values = torch.cat(rows, dim=0)
+        grid = torch.cat(grids, dim=0)
+        if job.whole is None and any(k is not None for k in job.keys):
+            parts, first = [], 0
+            for i, (r, g) in enumerate(zip(rows, grids)):
+                parts.append(_Part(job.keys[i], job.sizes[i], first, r.shape[0], g))
+                first += r.shape[0]
+            self._expect(pixel_values, tuple(parts), call)
+        if out is not None and not job.hits:
             return out
         from transformers.image_processing_utils import BatchFeature
 
-        cached = job.hits
-        for i, entry in cached.items():
-            if entry.call != call or not _consistent(entry):
-                self._drop(job.keys[i], entry)
-                raise CacheBypass("a cached entry fails its checks")
-        fresh = self._split(out, len(misses)) if misses else {}
-        if fresh is None:
-            raise CacheBypass("outputs the cache can't split per image")
-        for j, i in enumerate(misses):
-            self._put(job.keys[i], job.sizes[i], fresh[j], call)
-        names = next(iter(cached.values())).names
-        parts = [cached[i] if i in cached else fresh[misses.index(i)]
-                 for i in range(len(images))]
-        data = {}
-        for name in names:
-            data[name] = _cat([(p.per_image if name in p.per_image else p.per_row)[name]
-                               for p in parts])
-        return BatchFeature(data=data)
+        return BatchFeature(data={"pixel_values": pixel_values, "image_grid_thw": grid})
 
-    def _store(self, out: Any, indices: list[int], job: _Job, call: str) -> None:
-        if not any(job.keys[i] is not None for i in indices):
-            return
-        split = self._split(out, len(indices))
-        if split is None:
-            return
-        for j, i in enumerate(indices):
-            self._put(job.keys[i], job.sizes[i], split[j], call)
+    def _expect(self, feature: torch.Tensor, parts: tuple[_Part, ...], call: str) -> None:
+        """Make an entry of ``feature`` once ``place`` tells where it went."""
+        key = id(feature)
 
-    @staticmethod
-    def _split(out: Any, n: int) -> Optional[list[_Entry]]:
-        """``out`` (one preprocess call over ``n`` images) cut into per-image entries, or
-        None if its values are not per image or per patch row."""
-        grid = out.get("image_grid_thw") if hasattr(out, "get") else None
-        if grid is None or len(grid) != n:
-            return None
-        rows = [int(np.prod([int(x) for x in g])) for g in grid]
-        total = sum(rows)
-        names = tuple(out.keys())
-        entries = []
-        start = 0
-        for j in range(n):
-            per_image, per_row = {}, {}
-            for name in names:
-                v = out[name]
-                if not hasattr(v, "shape") or not len(v.shape) \
-                        or (isinstance(v, torch.Tensor) and v.device.type != "cpu"):
-                    return None  # (features made on a GPU are not kept)
-                if name == "image_grid_thw" or (v.shape[0] == n and n != total):
-                    per_image[name] = _own(v[j:j + 1])
-                elif v.shape[0] == total:
-                    per_row[name] = _rows(v, start, start + rows[j])
-                else:
-                    return None
-            start += rows[j]
-            nbytes = sum(_nbytes(v) for v in (*per_image.values(), *per_row.values()))
-            entries.append(_Entry(names, per_image, per_row, (0, 0), "", nbytes))
-        return entries
+        def forget(ref: "weakref.ref", key: int = key) -> None:
+            if self._pending.get(key, (None,))[0] is ref:
+                self._pending.pop(key, None)
 
-    def _put(self, key: Optional[bytes], size: Optional[tuple[int, int]], entry: _Entry,
-             call: str) -> None:
-        if key is None or size is None or entry.nbytes > self.capacity:
+        self._pending[key] = (weakref.ref(feature, forget), parts, call)
+
+    # -- what the region tells (slots.SlotObserver) ------------------------------------------
+    def placed(self, leaf: Any, slot: Any) -> None:
+        pending = self._pending.pop(id(leaf), None)
+        if pending is None or pending[0]() is not leaf or slot.nbytes != _nbytes(leaf):
             return
-        entry.size, entry.call = size, call
-        for v in entry.per_row.values():
-            if isinstance(v, torch.Tensor):
-                pin_immutable(v)  # Note [remembered digests]: a hit's slot needs no rehash
-        entry.versions = _versions(entry)
+        _, parts, call = pending
+        entry = _Entry(slot, leaf.dtype, tuple(leaf.shape), parts, call)
+        keys = tuple(p.key for p in parts)
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.stats.bytes_held -= old.nbytes
-            while self._entries and self.stats.bytes_held + entry.nbytes > self.capacity:
-                _, gone = self._entries.popitem(last=False)
-                self.stats.bytes_held -= gone.nbytes
-                self.stats.evictions += 1
-            self._entries[key] = entry
-            self.stats.bytes_held += entry.nbytes
-            self.stats.entries = len(self._entries)
+            if all(keys):
+                self._by_images[keys] = entry
+            for j, part in enumerate(parts):
+                if part.key is not None:
+                    self._by_image[part.key] = (entry, j)
 
-    def _drop(self, key: Optional[bytes], entry: _Entry) -> None:
-        """Forget ``entry`` (it failed a hit's check) if ``key`` still names it."""
+    def reclaimed(self, slot: Any) -> None:
         with self._lock:
-            if key is not None and self._entries.get(key) is entry:
-                del self._entries[key]
-                self.stats.bytes_held -= entry.nbytes
-                self.stats.entries = len(self._entries)
+            gone = self._remove(lambda e: e.slot is slot)
+            self.stats.evictions += gone
+
+    def _forget(self, entry: _Entry) -> None:
+        """Drop ``entry`` (it failed a hit's check)."""
+        with self._lock:
+            self._remove(lambda e: e is entry)
+
+    def _remove(self, match: Any) -> int:
+        """Remove the entries ``match`` selects (under self._lock); how many."""
+        gone = {id(e) for e in self._by_images.values() if match(e)}
+        gone.update(id(e) for e, _ in self._by_image.values() if match(e))
+        for k in [k for k, e in self._by_images.items() if id(e) in gone]:
+            del self._by_images[k]
+        for k in [k for k, (e, _) in self._by_image.items() if id(e) in gone]:
+            del self._by_image[k]
+        return len(gone)
 
 
-def _versions(entry: _Entry) -> tuple[int, ...]:
-    return tuple(v._version for v in entry.per_row.values() if isinstance(v, torch.Tensor))
+def _per_image(out: Any, n: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each image's (``pixel_values`` rows, ``image_grid_thw`` row) of one preprocess call
+    over ``n`` images, or None if its outputs are not those two CPU tensors."""
+    if not hasattr(out, "keys") or set(out.keys()) != {"pixel_values", "image_grid_thw"}:
+        return None
+    pixels, grid = out["pixel_values"], out["image_grid_thw"]
+    if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in (pixels, grid)) \
+            or grid.shape != (n, 3):
+        return None
+    rows = [int(np.prod([int(x) for x in g])) for g in grid]
+    if sum(rows) != pixels.shape[0]:
+        return None
+    split, start = [], 0
+    for j, r in enumerate(rows):
+        split.append((pixels[start:start + r], grid[j:j + 1].clone()))
+        start += r
+    return split
+
+
+def _nbytes(v: Any) -> int:
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else -1
 
 
 def fingerprint(mm_processor: Any) -> Optional[bytes]:
@@ -413,12 +458,7 @@ def fingerprint(mm_processor: Any) -> Optional[bytes]:
     )).encode()).digest()
 
 
-def _consistent(entry: _Entry) -> bool:
+def _consistent(part: _Part) -> bool:
     """The cached rows are the ``t*h*w`` patches of the cached grid: the number of image
     tokens sglang expands from the grid matches the features."""
-    grid = entry.per_image.get("image_grid_thw")
-    if grid is None or len(grid) != 1:
-        return False
-    rows = int(np.prod([int(x) for x in grid[0]]))
-    return all(v.shape[0] == rows for v in entry.per_row.values()) \
-        and _versions(entry) == entry.versions
+    return part.grid.shape == (1, 3) and int(np.prod([int(x) for x in part.grid[0]])) == part.rows

@@ -15,33 +15,62 @@ table entries run out).
 - :class:`SlotHold` is the creator reference of one request on its slots; it has the
   interface of ``SegmentWriter`` (``add_consumers`` before each send, ``release`` once),
   so ``TokenizerSide.send`` and the request scope treat both alike.
+- :meth:`RegionSlots.kept_view` hands out a copy-on-write tensor over a slot's bytes that
+  ``place`` recognizes as already in that slot (Note [kept slots]).
 
 Thread-safety: ``place``/``allocate`` run in the materialization worker threads; one lock
 guards the allocator, and every table write goes through ``SlotTable.locked``.
+
+Note [kept slots]
+-----------------
+A slot whose refcount reached 0 keeps its bytes until the owner reuses its space: it
+stays in ``_live``, and ``_take`` revives it under a new generation (a rank's reference
+from before is refused, Note [slot isolation] in ``scheduler_side/region_cache.py``).
+The processor cache (``processor_cache.py``) is built on that, so that the slots are the
+one copy of a cached image's rows:
+
+- ``_live`` is in least-recently-used order (an allocation or a ``_take`` moves a slot to
+  the end). With ``keep_bytes`` 0 (no cache) an allocation that does not fit frees every
+  unreferenced slot, then grows the region. With ``keep_bytes`` set, every allocation
+  first frees the least recently used unreferenced slots beyond ``keep_bytes``; one that
+  does not fit grows the region within the cap, and only when it can't frees
+  unreferenced slots, least recently used first, until it fits (the cache shrinks before
+  a request falls back to a segment). A slot a request or a rank references is never
+  freed, so the cache can't free bytes in use; and it holds no count of its own, so a
+  worker killed leaves no reference behind (Note [one ledger per worker] in
+  ``pool.py``).
+- :meth:`RegionSlots.kept_view` maps a kept slot's bytes ``MAP_PRIVATE`` (copy-on-write:
+  a write through the tensor never reaches the slot) and *pins* the slot while the
+  tensor or any view of it lives: a pinned slot is not freed, whatever its refcount. A
+  pin is this process's own count (``_Slot.pins``), lost with the process. Its release
+  runs in a finalizer, which may run in any thread, even one holding the lock: it only
+  appends to ``_unpinned``, which the allocator drains under the lock.
+- :meth:`RegionSlots.place` given such a tensor of a whole slot, unwritten since
+  (``_version``), takes the slot again with no pass over its bytes: the item hash is the
+  slot's stored sha256. ``observer.placed(leaf, slot)`` tells the cache where a feature
+  went; ``observer.reclaimed(slot)`` that a slot's bytes are gone.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import mmap
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
 from sglang_mmpre.errors import MmpreError, SegmentAllocationError
-from sglang_mmpre.tokenizer_side.hashing import (
-    digest_to_hash,
-    fast_path_leaves,
-    remember_digests,
-    remembered_digests,
-)
+from sglang_mmpre.tokenizer_side.hashing import digest_to_hash, fast_path_leaves
 from sglang_mmpre.transport.descriptors import SlotRef, describe, dtype_name, slot_digest
 from sglang_mmpre.transport.region import RegionFile, SlotEntry, extent
 
-__all__ = ["RegionFull", "RegionSlots", "Placement", "SlotHold", "HASH_CHUNK"]
+__all__ = ["RegionFull", "RegionSlots", "Placement", "SlotHold", "SlotObserver", "HASH_CHUNK"]
 
 HASH_CHUNK = 1 << 20  # bytes hashed and copied per step
 _ALIGN = 64
@@ -68,6 +97,7 @@ class _Slot:
     nbytes: int
     content: Optional[bytes] = None  # sha256 of the bytes, for reuse (feature slots)
     prefix_key: Optional[tuple] = None
+    pins: int = 0  # kept views alive (Note [kept slots])
 
     def ref(self) -> SlotRef:
         return SlotRef(self.index, self.generation, self.offset, self.nbytes)
@@ -100,6 +130,16 @@ def _fusable(value: Any) -> Optional[list]:
     if isinstance(leaves[0], torch.Tensor) and leaves[0].dtype == torch.bfloat16:
         return None
     return leaves
+
+
+class SlotObserver(Protocol):
+    """What the processor cache learns from a region (Note [kept slots])."""
+
+    def placed(self, leaf: Any, slot: "_Slot") -> None:
+        """``leaf`` (a one-tensor feature) is in ``slot``: copied there, or equal to it."""
+
+    def reclaimed(self, slot: "_Slot") -> None:
+        """``slot``'s bytes are gone (its space is reused)."""
 
 
 class SlotHold:
@@ -140,7 +180,8 @@ class RegionSlots:
     """Slots of this process's region; see the module docstring.
 
     ``reserve(nbytes)`` asks the owner's cap for ``nbytes`` more (growth); ``dedup``
-    switches content reuse on.
+    switches content reuse on. ``keep_bytes`` and ``observer`` are the processor cache's
+    (Note [kept slots]).
     """
 
     def __init__(self, shm_dir: str, chunk_bytes: int, slot_count: int,
@@ -153,10 +194,15 @@ class RegionSlots:
         # Monotonic from a random start: a slot reference from another region (another
         # server's, or an earlier run's) matches no generation here.
         self._generation = secrets.randbits(62)
-        self._live: dict[int, _Slot] = {}
+        self._live: "collections.OrderedDict[int, _Slot]" = collections.OrderedDict()
         self._free_index = list(range(slot_count - 1, -1, -1))
         self._free: list[tuple[int, int]] = []  # (start, end) file offsets, sorted
         self._by_prefix: dict[tuple, _Slot] = {}
+        self._unpinned: "collections.deque[_Slot]" = collections.deque()
+        self._views: dict[int, tuple["weakref.ref", int, _Slot]] = {}  # id(tensor) ->
+        self._freed: list[_Slot] = []  # reclaimed, not yet told to the observer
+        self.keep_bytes = 0
+        self.observer: Optional[SlotObserver] = None
         self._add_chunk_extent()
 
     @property
@@ -177,6 +223,8 @@ class RegionSlots:
 
     # -- allocation (under self._lock) -----------------------------------------------------
     def _fit(self, need: int) -> Optional[int]:
+        if not self._free_index:
+            return None
         for i, (start, end) in enumerate(self._free):
             if end - start >= need:
                 self._free[i] = (start + need, end)
@@ -184,6 +232,9 @@ class RegionSlots:
                     del self._free[i]
                 return start
         return None
+
+    def _fits(self, need: int) -> bool:
+        return bool(self._free_index) and any(e - s >= need for s, e in self._free)
 
     def _give_back(self, start: int, end: int) -> None:
         self._free.append((start, end))
@@ -198,30 +249,66 @@ class RegionSlots:
                 merged.append((s, e))
         self._free = merged
 
-    def _reclaim(self) -> None:
-        """Recycle every slot no one references any more (refcount 0 is final for ranks)."""
-        for index, slot in list(self._live.items()):
-            if self.table.refcount(index) == 0:
-                del self._live[index]
-                if slot.prefix_key is not None and self._by_prefix.get(slot.prefix_key) is slot:
-                    del self._by_prefix[slot.prefix_key]
-                self._free_index.append(index)
-                self._give_back(slot.offset, slot.offset + extent(slot.nbytes))
+    def _unreferenced(self) -> list[tuple[int, _Slot]]:
+        """Slots no one references or pins, least recently used first (refcount 0 is
+        final for ranks)."""
+        while self._unpinned:
+            self._unpinned.popleft().pins -= 1
+        return [(i, slot) for i, slot in self._live.items()
+                if not slot.pins and self.table.refcount(i) == 0]
+
+    def _free_slot(self, index: int, slot: _Slot) -> None:
+        del self._live[index]
+        if slot.prefix_key is not None and self._by_prefix.get(slot.prefix_key) is slot:
+            del self._by_prefix[slot.prefix_key]
+        self._free_index.append(index)
+        self._give_back(slot.offset, slot.offset + extent(slot.nbytes))
+        if self.observer is not None:
+            self._freed.append(slot)
+
+    def _reclaim(self, need: Optional[int] = None) -> None:
+        """Free unreferenced slots, least recently used first: all of them, or (``need``)
+        until ``need`` bytes fit."""
+        for index, slot in self._unreferenced():
+            self._free_slot(index, slot)
+            if need is not None and self._fits(need):
+                return
+
+    def _trim(self) -> None:
+        """Free the least recently used unreferenced slots beyond ``keep_bytes``."""
+        unreferenced = self._unreferenced()
+        over = sum(extent(slot.nbytes) for _, slot in unreferenced) - self.keep_bytes
+        for index, slot in unreferenced:
+            if over <= 0:
+                return
+            self._free_slot(index, slot)
+            over -= extent(slot.nbytes)
+
+    def _grow(self, need: int) -> bool:
+        """Add a chunk within the cap, if ``need`` fits in one; False if it can't."""
+        chunk = self.file.chunk_bytes
+        if not self._free_index or need > chunk or not self._reserve(chunk):
+            return False
+        try:
+            self.file.grow()
+        except (SegmentAllocationError, OSError):
+            self._reserve(-chunk)
+            raise RegionFull() from None
+        self._add_chunk_extent()
+        return True
 
     def _allocate_locked(self, nbytes: int) -> _Slot:
         need = extent(nbytes)
-        offset = self._fit(need) if self._free_index else None
-        if offset is None:
+        if self.keep_bytes:
+            self._trim()
+        offset = self._fit(need)
+        if offset is None and not self.keep_bytes:
             self._reclaim()
-            offset = self._fit(need) if self._free_index else None
-        while offset is None and self._free_index and need <= self.file.chunk_bytes \
-                and self._reserve(self.file.chunk_bytes):
-            try:
-                self.file.grow()
-            except (SegmentAllocationError, OSError):
-                self._reserve(-self.file.chunk_bytes)
-                raise RegionFull() from None
-            self._add_chunk_extent()
+            offset = self._fit(need)
+        while offset is None and self._grow(need):
+            offset = self._fit(need)
+        if offset is None and self.keep_bytes:
+            self._reclaim(need)  # the cache shrinks before the request takes a segment
             offset = self._fit(need)
         if offset is None:
             raise RegionFull()
@@ -232,10 +319,21 @@ class RegionSlots:
         self._live[slot.index] = slot
         return slot
 
+    def _tell_freed(self) -> None:
+        """Tell the observer of the slots just freed (outside self._lock)."""
+        observer = self.observer
+        while self._freed:
+            slot = self._freed.pop()
+            if observer is not None:
+                observer.reclaimed(slot)
+
     def allocate(self, nbytes: int) -> _Slot:
         """A new slot of ``nbytes`` holding one creator reference; raises RegionFull."""
-        with self._lock:
-            return self._allocate_locked(nbytes)
+        try:
+            with self._lock:
+                return self._allocate_locked(nbytes)
+        finally:
+            self._tell_freed()
 
     def _take(self, slot: _Slot) -> bool:
         """One more creator reference on a slot kept for its content (under self._lock)."""
@@ -249,7 +347,44 @@ class RegionSlots:
                 self._generation += 1
                 slot.generation = self._generation
                 self.table.write(slot.index, entry._replace(generation=slot.generation, refcount=1))
+        self._live.move_to_end(slot.index)
         return True
+
+    def kept_view(self, slot: _Slot, start: int, nbytes: int, dtype: torch.dtype,
+                  shape: tuple) -> Optional[torch.Tensor]:
+        """A tensor over bytes ``start:start+nbytes`` of ``slot``, or None if its space
+        was reused: copy-on-write, and the slot pinned while it lives (Note [kept
+        slots]). A view of the whole slot is one ``place`` takes again without a copy."""
+        with self._lock:
+            if self._live.get(slot.index) is not slot or start + nbytes > slot.nbytes:
+                return None
+            slot.pins += 1
+            self._live.move_to_end(slot.index)
+        try:
+            mapping = mmap.mmap(self.file.fd, extent(slot.nbytes), flags=mmap.MAP_PRIVATE,
+                                offset=slot.offset)
+            array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=start)
+        except BaseException:
+            self._unpinned.append(slot)
+            raise
+        weakref.finalize(array, self._unpinned.append, slot)
+        tensor = torch.from_numpy(array).view(dtype).view(shape)
+        if start == 0 and nbytes == slot.nbytes and slot.content is not None:
+            key = id(tensor)
+
+            def forget(ref: "weakref.ref", key: int = key) -> None:
+                if self._views.get(key, (None,))[0] is ref:
+                    self._views.pop(key, None)
+
+            self._views[key] = (weakref.ref(tensor, forget), tensor._version, slot)
+        return tensor
+
+    def _kept_slot(self, leaf: Any) -> Optional[_Slot]:
+        """The slot ``leaf`` is a whole, unwritten kept view of, if it is one."""
+        found = self._views.get(id(leaf))
+        if found is None or found[0]() is not leaf or leaf._version != found[1]:
+            return None
+        return found[2]
 
     # -- one pass over the bytes ----------------------------------------------------------
     def view(self, slot: _Slot) -> np.ndarray:
@@ -266,6 +401,12 @@ class RegionSlots:
         leaves = _fusable(value)
         if leaves is None:
             return None
+        placed = self._place(leaves)
+        if placed is not None and self.observer is not None and len(leaves) == 1:
+            self.observer.placed(leaves[0], placed.slot)
+        return placed
+
+    def _place(self, leaves: list) -> Optional[Placement]:
         views = [_byte_view(t) for t in leaves]
         rel, total = [], 0
         for v in views:
@@ -274,27 +415,24 @@ class RegionSlots:
             total += v.nbytes
         if total == 0:
             return None
+        kept = self._kept_slot(leaves[0]) if len(leaves) == 1 else None
+        if kept is not None:  # Note [kept slots]: no pass over the bytes
+            with self._lock:
+                if self._take(kept):
+                    return Placement(kept, tuple(leaves), (kept.offset,), kept.content, 0)
         h = hashlib.sha256()
         first = views[0][:HASH_CHUNK]
-        known = remembered_digests(leaves[0]) if len(leaves) == 1 and self._dedup else None
-        if known is None:
-            h.update(first)
+        h.update(first)
         key = None
         if self._dedup:
             layout = tuple((type(t).__name__, dtype_name(t), tuple(t.shape)) for t in leaves)
-            key = (layout, known[0] if known is not None else h.copy().digest())
+            key = (layout, h.copy().digest())
         candidate = self._by_prefix.get(key) if key is not None else None
-        if known is not None or candidate is not None:
-            if known is not None:  # Note [remembered digests] in hashing.py: no pass to hash
-                digest = known[1]
-            else:
-                _hash_rest(h, views, len(first))
-                digest = h.digest()
-                if len(leaves) == 1:
-                    remember_digests(leaves[0], key[1], digest)
+        if candidate is not None:
+            _hash_rest(h, views, len(first))
+            digest = h.digest()
             with self._lock:
-                if candidate is not None and candidate.content == digest \
-                        and self._take(candidate):
+                if candidate.content == digest and self._take(candidate):
                     offsets = tuple(candidate.offset + r for r in rel)
                     return Placement(candidate, tuple(leaves), offsets, digest, 0)
             try:
@@ -310,8 +448,6 @@ class RegionSlots:
                 raise RegionFull(h.digest()) from None
             _copy_and_hash(h, views, self.view(slot), rel, len(first))
             digest = h.digest()
-        if known is None and key is not None and len(leaves) == 1:
-            remember_digests(leaves[0], key[1], digest)
         offsets = tuple(slot.offset + r for r in rel)
         item_hash = digest_to_hash(digest)
         tensors = [describe(t, o, item_hash) for t, o in zip(leaves, offsets)]

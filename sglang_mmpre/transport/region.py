@@ -229,6 +229,11 @@ class RegionFile:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def fd(self) -> int:
+        """The open region file (the owner maps slots of it copy-on-write from it)."""
+        return self._fd
+
     def vanished(self) -> bool:
         """Whether the name no longer leads to this file (deleted from outside: ``rm``,
         systemd's ``RemoveIPC``, a cleanup job). Ranks that have not attached it yet can't."""
