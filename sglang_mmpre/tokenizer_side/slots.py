@@ -353,8 +353,9 @@ class RegionSlots:
     def kept_view(self, slot: _Slot, start: int, nbytes: int, dtype: torch.dtype,
                   shape: tuple) -> Optional[torch.Tensor]:
         """A tensor over bytes ``start:start+nbytes`` of ``slot``, or None if its space
-        was reused: copy-on-write, and the slot pinned while it lives (Note [kept
-        slots]). A view of the whole slot is one ``place`` takes again without a copy."""
+        was reused (or it can't be mapped): copy-on-write, and the slot pinned while it
+        lives (Note [kept slots]). A view of the whole slot is one ``place`` takes again
+        without a copy."""
         with self._lock:
             if self._live.get(slot.index) is not slot or start + nbytes > slot.nbytes:
                 return None
@@ -364,9 +365,9 @@ class RegionSlots:
             mapping = mmap.mmap(self.file.fd, extent(slot.nbytes), flags=mmap.MAP_PRIVATE,
                                 offset=slot.offset)
             array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=start)
-        except BaseException:
+        except (OSError, ValueError):  # closed at shutdown, or out of address space
             self._unpinned.append(slot)
-            raise
+            return None
         weakref.finalize(array, self._unpinned.append, slot)
         tensor = torch.from_numpy(array).view(dtype).view(shape)
         if start == 0 and nbytes == slot.nbytes and slot.content is not None:
