@@ -29,7 +29,9 @@ variable                              default     meaning
 ``SGLANG_MM_PROCESSOR_CACHE_BYTES``   1 GiB       bytes of image processor outputs each
                                                   TokenizerManager process keeps for
                                                   repeated images, split across its processor
-                                                  workers (``tokenizer_side/
+                                                  workers, in their regions' unreferenced
+                                                  slots (at most half a worker's share of the
+                                                  cap; ``tokenizer_side/
                                                   processor_cache.py``); ``0`` turns it off.
 ``SGLANG_MM_PREPROCESSING_DEVICE``    ``auto``    where a fast (torchvision) image processor
                                                   runs: ``cpu``, ``cuda`` or ``auto`` (``cpu``
