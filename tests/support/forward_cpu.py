@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from import_hook import on_import
+from import_hook import on_class_import
 
 __all__ = ["install", "forward_cpu_between"]
 
@@ -65,13 +65,7 @@ def _patch(cls: Any, directory: str) -> None:
 def install(directory: str) -> None:
     """Record the CPU inside ``ModelRunner.forward`` in this process (idempotent)."""
     os.makedirs(directory, exist_ok=True)
-
-    def on_load(module: Any) -> None:
-        cls = getattr(module, "ModelRunner", None)
-        if cls is not None:
-            _patch(cls, directory)
-
-    on_import(_TARGET, on_load)
+    on_class_import(_TARGET, "ModelRunner", lambda cls: _patch(cls, directory))
 
 
 def _cumulative_at(lines: list[tuple[float, float]], t: float) -> float:

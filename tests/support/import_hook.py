@@ -13,7 +13,7 @@ import importlib.machinery
 import sys
 from typing import Any, Callable
 
-__all__ = ["on_import"]
+__all__ = ["on_import", "on_class_import"]
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -63,3 +63,15 @@ def on_import(module_name: str, on_load: Callable[[Any], None]) -> None:
         on_load(module)
     elif not any(isinstance(f, _Finder) and f.target == module_name for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder(module_name, on_load))
+
+
+def on_class_import(module_name: str, class_name: str, patch: Callable[[Any], None]) -> None:
+    """Call ``patch(cls)`` with the class ``class_name`` of ``module_name`` once that
+    module is imported (now, if it already is); ``patch`` must be idempotent."""
+
+    def on_load(module: Any) -> None:
+        cls = getattr(module, class_name, None)
+        if cls is not None:
+            patch(cls)
+
+    on_import(module_name, on_load)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from import_hook import on_import
+from import_hook import on_class_import
 
 __all__ = ["install", "collect_lags"]
 
@@ -94,13 +94,7 @@ def _patch(cls: Any, directory: str) -> None:
 def install(directory: str) -> None:
     """Sample the TokenizerManager's loop of this process, if it runs one (idempotent)."""
     os.makedirs(directory, exist_ok=True)
-
-    def on_load(module: Any) -> None:
-        cls = getattr(module, "TokenizerManager", None)
-        if cls is not None:
-            _patch(cls, directory)
-
-    on_import(_TARGET, on_load)
+    on_class_import(_TARGET, "TokenizerManager", lambda cls: _patch(cls, directory))
 
 
 def _latest(path: Path) -> float:
