@@ -320,6 +320,23 @@ def test_unreferenced_slots_are_kept_within_keep_bytes_least_recently_used_first
         side.shutdown()
 
 
+def test_unreferenced_slots_of_no_feature_are_not_kept(shm_dir):
+    """A request's other tensors (a slot with no content, which nothing finds again) go at
+    the next allocation whatever room ``keep_bytes`` leaves; a feature slot stays. Kept,
+    one per request, they would fill the slot table and every allocation would scan it."""
+    side, reclaimed = _kept_region(shm_dir, keep_bytes=1 << 30)
+    try:
+        region = side.region
+        _, feature = _placed_and_released(region, 1)
+        others = [region.allocate(4096) for _ in range(3)]
+        region.adjust([o.ref() for o in others], -1)
+        _placed_and_released(region, 2)
+        assert reclaimed == others
+        assert region.kept_view(feature.slot, 0, 4, torch.uint8, (4,)) is not None
+    finally:
+        side.shutdown()
+
+
 def test_kept_slots_never_free_a_referenced_or_pinned_slot_and_give_way_when_full(shm_dir):
     """One 16 MiB chunk and a cap of one chunk: a slot a request references, or one a
     kept view pins, survives any allocation; unreferenced ones are freed, least recently

@@ -316,8 +316,7 @@ class _WorkerRegion:
 
     def unreferenced(self) -> bool:
         """Whether no slot of its table has a reference left (no creator, no rank)."""
-        table = self.attached.table
-        return all(table.refcount(i) == 0 for i in range(table.slot_count))
+        return self.attached.table.referenced() == 0
 
     def retire(self) -> None:
         """No request names it any more: mark it retired, unlink it, close the handle."""

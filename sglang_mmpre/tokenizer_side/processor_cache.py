@@ -383,7 +383,7 @@ class ProcessorCache:
     # -- what the region tells (slots.SlotObserver) ------------------------------------------
     def placed(self, leaf: Any, slot: Any) -> None:
         pending = self._pending.pop(id(leaf), None)
-        if pending is None or pending[0]() is not leaf or slot.nbytes != _nbytes(leaf):
+        if pending is None or pending[0]() is not leaf or slot.nbytes != leaf.nbytes:
             return
         _, parts, call = pending
         entry = _Entry(slot, leaf.dtype, tuple(leaf.shape), parts, call)
@@ -433,10 +433,6 @@ def _per_image(out: Any, n: int) -> Optional[list[tuple[torch.Tensor, torch.Tens
         split.append((pixels[start:start + r], grid[j:j + 1].clone()))
         start += r
     return split
-
-
-def _nbytes(v: Any) -> int:
-    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else -1
 
 
 def fingerprint(mm_processor: Any) -> Optional[bytes]:

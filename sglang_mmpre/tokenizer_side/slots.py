@@ -32,7 +32,9 @@ one copy of a cached image's rows:
 - ``_live`` is in least-recently-used order (an allocation or a ``_take`` moves a slot to
   the end). With ``keep_bytes`` 0 (no cache) an allocation that does not fit frees every
   unreferenced slot, then grows the region. With ``keep_bytes`` set, every allocation
-  first frees the least recently used unreferenced slots beyond ``keep_bytes``; one that
+  first frees the unreferenced slots that hold no feature (a request's other tensors,
+  which nothing finds again: they would fill the slot table) and the least recently used
+  unreferenced feature slots beyond ``keep_bytes``; one that
   does not fit grows the region within the cap, and only when it can't frees
   unreferenced slots, least recently used first, until it fits (the cache shrinks before
   a request falls back to a segment). A slot a request or a rank references is never
@@ -275,14 +277,18 @@ class RegionSlots:
                 return
 
     def _trim(self) -> None:
-        """Free the least recently used unreferenced slots beyond ``keep_bytes``."""
+        """Free every unreferenced slot kept for no content (a request's other tensors:
+        nothing finds them again), and the least recently used unreferenced ones beyond
+        ``keep_bytes``."""
         unreferenced = self._unreferenced()
-        over = sum(extent(slot.nbytes) for _, slot in unreferenced) - self.keep_bytes
+        over = sum(extent(slot.nbytes) for _, slot in unreferenced
+                   if slot.content is not None) - self.keep_bytes
         for index, slot in unreferenced:
-            if over <= 0:
-                return
-            self._free_slot(index, slot)
-            over -= extent(slot.nbytes)
+            if slot.content is None:
+                self._free_slot(index, slot)
+            elif over > 0:
+                self._free_slot(index, slot)
+                over -= extent(slot.nbytes)
 
     def _grow(self, need: int) -> bool:
         """Add a chunk within the cap, if ``need`` fits in one; False if it can't."""
@@ -320,12 +326,11 @@ class RegionSlots:
         return slot
 
     def _tell_freed(self) -> None:
-        """Tell the observer of the slots just freed (outside self._lock)."""
-        observer = self.observer
-        while self._freed:
-            slot = self._freed.pop()
-            if observer is not None:
-                observer.reclaimed(slot)
+        """Tell the observer of the slots just freed, in order (outside self._lock)."""
+        with self._lock:
+            freed, self._freed = self._freed, []
+        for slot in freed if self.observer is not None else ():
+            self.observer.reclaimed(slot)
 
     def allocate(self, nbytes: int) -> _Slot:
         """A new slot of ``nbytes`` holding one creator reference; raises RegionFull."""

@@ -162,7 +162,7 @@ class SlotTable:
         return _REFCOUNT.unpack_from(self._map, HEADER_SIZE + ENTRY.size * index + 8)[0]
 
     def referenced(self) -> int:
-        """How many slots have references left (tests and measurements)."""
+        """How many slots have references left (the pool's reaping, tests, measurements)."""
         return sum(1 for i in range(self.slot_count) if self.refcount(i) > 0)
 
     def write(self, index: int, entry: SlotEntry) -> None:
